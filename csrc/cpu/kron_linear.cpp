@@ -1,0 +1,400 @@
+// CPU kernels of kron_linear and its backward.
+//
+// Per token, y = x @ W.T with W = sum_r kron(A_r, B_r) is the bilinear map Y = A_r X B_r^T on
+// the token viewed as a matrix X [n1, n2] (row-major, in = j1*n2 + j2). The two factors act on
+// the two modes of X:
+//   mode 2 (B): contiguous rows, one GEMM over all tokens: [nb*n1, n2] @ B^T -> [nb*n1, m2];
+//   mode 1 (A): the strided mode, Out_n = A @ In_n for each token n.
+// The kernel walks x once, in blocks of nb tokens that stay in L2: each block applies the
+// cheaper mode first (by FLOPs), keeps the intermediate in a thread-local buffer and writes
+// the output block once. The dense W is never formed and no full-size permuted copy of the
+// activations is made (those copies are what makes the reshape+einsum composition slow).
+// Inner GEMMs go to the BLAS torch was built with (MKL here) on views of the block buffers;
+// inside at::parallel_for they run single-threaded, the parallelism being over blocks.
+//
+// Backward: dX is kron_linear of dY with the transposed factors. dA and dB contract over all
+// tokens; they are accumulated per fixed slot of tokens (a partition that does not depend on
+// the thread count) and the slots are summed in order, so gradients are deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "effnlp/checks.h"
+
+namespace effnlp {
+namespace {
+
+constexpr const char* kOp = "kron_linear";
+
+// ---------------------------------------------------------------------------------------------
+// Small vector primitives (AVX2 through at::vec when built with CPU_CAPABILITY_AVX2).
+template <typename T>
+inline void axpy(int64_t n, T a, const T* x, T* y) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec va(a);
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+    at::vec::fmadd(va, Vec::loadu(x + i + Vec::size()), Vec::loadu(y + i + Vec::size()))
+        .store(y + i + Vec::size());
+  }
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  }
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+template <typename T>
+inline T dot(int64_t n, const T* x, const T* y) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc0(T(0)), acc1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    acc0 = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(y + i), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(x + i + Vec::size()), Vec::loadu(y + i + Vec::size()), acc1);
+  }
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    acc0 = at::vec::fmadd(Vec::loadu(x + i), Vec::loadu(y + i), acc0);
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc0 + acc1);
+  for (; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM on raw row-major buffers through ATen's BLAS binding.
+template <typename T>
+struct Mat {
+  T* p;
+  int64_t rows, cols, ld;
+  bool trans = false;  // use the transpose of the stored [rows, cols] matrix
+};
+
+template <typename T>
+inline at::Tensor as_tensor(const Mat<T>& m) {
+  auto t = at::from_blob(m.p, {m.rows, m.cols}, {m.ld, 1},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  return m.trans ? t.t() : t;
+}
+
+// C (+)= op(A) @ op(B)
+template <typename T>
+inline void gemm(const Mat<T>& a, const Mat<T>& b, const Mat<T>& c, bool accumulate) {
+  at::Tensor tc = as_tensor(c);
+  if (accumulate) {
+    tc.addmm_(as_tensor(a), as_tensor(b));
+  } else {
+    at::mm_out(tc, as_tensor(a), as_tensor(b));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mode-1 product: Out[n, i, :] (+)= sum_j A[i, j] * In[n, j, :] for n < nb.
+//   A: [m, k] row-major (lda = k), In: [nb, k, c], Out: [nb, m, c].
+// Three regimes: a short contraction (k small) as vectorised axpys; long rows (c large) as one
+// GEMM per token; otherwise the block is packed to [k, nb*c] so one GEMM serves all tokens.
+template <typename T>
+void mode1(const T* A, int64_t m, int64_t k, const T* in, int64_t nb, int64_t c, T* out,
+           bool accumulate, std::vector<T>& pack_in, std::vector<T>& pack_out) {
+  if (m == 0 || c == 0 || nb == 0) return;
+  if (k == 0) {
+    if (!accumulate) std::fill(out, out + nb * m * c, T(0));
+    return;
+  }
+  if (k <= 8 || m <= 2) {
+    for (int64_t n = 0; n < nb; ++n) {
+      const T* xin = in + n * k * c;
+      T* yo = out + n * m * c;
+      for (int64_t i = 0; i < m; ++i) {
+        T* row = yo + i * c;
+        if (!accumulate) std::fill(row, row + c, T(0));
+        for (int64_t j = 0; j < k; ++j) axpy<T>(c, A[i * k + j], xin + j * c, row);
+      }
+    }
+    return;
+  }
+  if (c >= 96) {
+    for (int64_t n = 0; n < nb; ++n) {
+      gemm<T>({const_cast<T*>(A), m, k, k}, {const_cast<T*>(in + n * k * c), k, c, c},
+              {out + n * m * c, m, c, c}, accumulate);
+    }
+    return;
+  }
+  const int64_t w = nb * c;
+  pack_in.resize(k * w);
+  pack_out.resize(m * w);
+  for (int64_t n = 0; n < nb; ++n)
+    for (int64_t j = 0; j < k; ++j)
+      std::copy_n(in + (n * k + j) * c, c, pack_in.data() + j * w + n * c);
+  gemm<T>({const_cast<T*>(A), m, k, k}, {pack_in.data(), k, w, w}, {pack_out.data(), m, w, w},
+          false);
+  for (int64_t n = 0; n < nb; ++n)
+    for (int64_t i = 0; i < m; ++i) {
+      const T* src = pack_out.data() + i * w + n * c;
+      T* dst = out + (n * m + i) * c;
+      if (accumulate) {
+        at::vec::map2<T>([](auto a, auto b) { return a + b; }, dst, dst, src, c);
+      } else {
+        std::copy_n(src, c, dst);
+      }
+    }
+}
+
+// Mode-2 product: Out[r, :] (+)= In[r, :] @ B^T, B: [m2, n2] row-major.
+template <typename T>
+inline void mode2(const T* B, int64_t m2, int64_t n2, const T* in, int64_t rows, T* out,
+                  bool accumulate) {
+  if (rows == 0 || m2 == 0) return;
+  if (n2 == 0) {
+    if (!accumulate) std::fill(out, out + rows * m2, T(0));
+    return;
+  }
+  gemm<T>({const_cast<T*>(in), rows, n2, n2}, {const_cast<T*>(B), m2, n2, n2, /*trans=*/true},
+          {out, rows, m2, m2}, accumulate);
+}
+
+// acc[a, b] += sum_{n, t} P[n, a, t] * Q[n, b, t]   (P: [nb, a, c], Q: [nb, b, c])
+template <typename T>
+void contract_tokens(const T* P, int64_t a, const T* Q, int64_t b, int64_t nb, int64_t c, T* acc,
+                     std::vector<T>& pack_p, std::vector<T>& pack_q) {
+  if (a == 0 || b == 0 || nb == 0 || c == 0) return;
+  if (a * b <= 64 || c >= 96) {
+    if (a * b <= 64) {
+      for (int64_t n = 0; n < nb; ++n)
+        for (int64_t i = 0; i < a; ++i)
+          for (int64_t j = 0; j < b; ++j)
+            acc[i * b + j] += dot<T>(c, P + (n * a + i) * c, Q + (n * b + j) * c);
+    } else {
+      for (int64_t n = 0; n < nb; ++n)
+        gemm<T>({const_cast<T*>(P + n * a * c), a, c, c},
+                {const_cast<T*>(Q + n * b * c), b, c, c, /*trans=*/true}, {acc, a, b, b}, true);
+    }
+    return;
+  }
+  const int64_t w = nb * c;
+  pack_p.resize(a * w);
+  pack_q.resize(b * w);
+  for (int64_t n = 0; n < nb; ++n) {
+    for (int64_t i = 0; i < a; ++i) std::copy_n(P + (n * a + i) * c, c, pack_p.data() + i * w + n * c);
+    for (int64_t j = 0; j < b; ++j) std::copy_n(Q + (n * b + j) * c, c, pack_q.data() + j * w + n * c);
+  }
+  gemm<T>({pack_p.data(), a, w, w}, {pack_q.data(), b, w, w, /*trans=*/true}, {acc, a, b, b}, true);
+}
+
+// Tokens per block: enough rows for efficient inner GEMMs, few enough that the block's input,
+// intermediate and output stay near L2.
+inline int64_t block_tokens(const KronShape& s, int64_t N) {
+  const int64_t per_token = s.n1 * s.n2 + s.m1 * s.m2 + std::max(s.n1 * s.m2, s.m1 * s.n2);
+  int64_t nb = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(per_token, 1));
+  const int64_t min_rows = std::min(s.n1, s.m1) > 0 ? (128 + std::min(s.n1, s.m1) - 1) / std::min(s.n1, s.m1) : 1;
+  nb = std::max(nb, std::min<int64_t>(min_rows, 256));
+  return std::min(nb, std::max<int64_t>(N, 1));
+}
+
+// FLOPs per token of the two orders: apply B first (mode 2, then mode 1) or A first.
+inline bool b_first(const KronShape& s) {
+  const int64_t cost_b = s.n1 * s.n2 * s.m2 + s.m1 * s.n1 * s.m2;
+  const int64_t cost_a = s.m1 * s.n1 * s.n2 + s.m1 * s.n2 * s.m2;
+  return cost_b <= cost_a;
+}
+
+template <typename T>
+void forward_impl(const T* x, const T* A, const T* B, const T* bias, T* y, int64_t N,
+                  const KronShape& s) {
+  const int64_t in = s.in_features(), out = s.out_features();
+  const int64_t nb = block_tokens(s, N);
+  const int64_t nblocks = (N + nb - 1) / nb;
+  const bool bfirst = b_first(s);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> mid(nb * std::max(s.n1 * s.m2, s.m1 * s.n2)), pin, pout;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * nb, cnt = std::min(nb, N - t0);
+      const T* xb = x + t0 * in;
+      T* yb = y + t0 * out;
+      for (int64_t r = 0; r < s.R; ++r) {
+        const T* Ar = A + r * s.m1 * s.n1;
+        const T* Br = B + r * s.m2 * s.n2;
+        const bool acc = r > 0;
+        if (bfirst) {
+          mode2<T>(Br, s.m2, s.n2, xb, cnt * s.n1, mid.data(), false);       // [cnt, n1, m2]
+          mode1<T>(Ar, s.m1, s.n1, mid.data(), cnt, s.m2, yb, acc, pin, pout);  // [cnt, m1, m2]
+        } else {
+          mode1<T>(Ar, s.m1, s.n1, xb, cnt, s.n2, mid.data(), false, pin, pout);  // [cnt, m1, n2]
+          mode2<T>(Br, s.m2, s.n2, mid.data(), cnt * s.m1, yb, acc);
+        }
+      }
+      if (s.R == 0) std::fill(yb, yb + cnt * out, T(0));
+      if (bias != nullptr) {
+        for (int64_t t = 0; t < cnt; ++t)
+          at::vec::map2<T>([](auto a, auto b) { return a + b; }, yb + t * out, yb + t * out, bias, out);
+      }
+    }
+  });
+}
+
+// Accumulates dA [R, m1, n1] and dB [R, m2, n2] over tokens.
+template <typename T>
+void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T* B, T* dA, T* dB,
+                       int64_t N, const KronShape& s, bool need_a, bool need_b) {
+  const int64_t in = s.in_features(), out = s.out_features();
+  const int64_t nb = block_tokens(s, N);
+  const int64_t nslots = std::min<int64_t>(16, (N + nb - 1) / nb);
+  const int64_t sa = s.R * s.m1 * s.n1, sb = s.R * s.m2 * s.n2;
+  std::vector<T> partial(nslots * (sa + sb), T(0));
+  // dA via G = dY B (cost m1*m2*n2 + m1*n1*n2) or T = X B^T (n1*n2*m2 + m1*n1*m2).
+  const bool a_via_g = s.m1 * s.m2 * s.n2 + s.m1 * s.n1 * s.n2 <= s.n1 * s.n2 * s.m2 + s.m1 * s.n1 * s.m2;
+  // dB via U = A X (m1*n1*n2 + m1*m2*n2) or V = A^T dY (n1*m1*m2 + n1*m2*n2).
+  const bool b_via_u = s.m1 * s.n1 * s.n2 + s.m1 * s.m2 * s.n2 <= s.n1 * s.m1 * s.m2 + s.n1 * s.m2 * s.n2;
+  const int64_t mid_size = nb * std::max(s.m1 * s.n2, s.n1 * s.m2);
+  at::parallel_for(0, nslots, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<T> mid(mid_size), p1, p2;
+    for (int64_t slot = s0; slot < s1; ++slot) {
+      T* pa = partial.data() + slot * (sa + sb);
+      T* pb = pa + sa;
+      const int64_t tb = N * slot / nslots, te = N * (slot + 1) / nslots;
+      for (int64_t t0 = tb; t0 < te; t0 += nb) {
+        const int64_t cnt = std::min(nb, te - t0);
+        const T* xb = x + t0 * in;
+        const T* gb = gy + t0 * out;
+        for (int64_t r = 0; r < s.R; ++r) {
+          const T* Ar = A + r * s.m1 * s.n1;
+          const T* Atr = At + r * s.m1 * s.n1;
+          const T* Br = B + r * s.m2 * s.n2;
+          if (need_a) {
+            T* dAr = pa + r * s.m1 * s.n1;
+            if (a_via_g) {
+              // G[n, i1, j2] = sum_i2 dY[n, i1, i2] B[i2, j2]
+              gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2},
+                      {const_cast<T*>(Br), s.m2, s.n2, s.n2}, {mid.data(), cnt * s.m1, s.n2, s.n2},
+                      false);
+              contract_tokens<T>(mid.data(), s.m1, xb, s.n1, cnt, s.n2, dAr, p1, p2);
+            } else {
+              mode2<T>(Br, s.m2, s.n2, xb, cnt * s.n1, mid.data(), false);  // T: [cnt, n1, m2]
+              contract_tokens<T>(gb, s.m1, mid.data(), s.n1, cnt, s.m2, dAr, p1, p2);
+            }
+          }
+          if (need_b) {
+            T* dBr = pb + r * s.m2 * s.n2;
+            if (b_via_u) {
+              mode1<T>(Ar, s.m1, s.n1, xb, cnt, s.n2, mid.data(), false, p1, p2);  // U: [cnt, m1, n2]
+              gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2, /*trans=*/true},
+                      {mid.data(), cnt * s.m1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
+            } else {
+              mode1<T>(Atr, s.n1, s.m1, gb, cnt, s.m2, mid.data(), false, p1, p2);  // V: [cnt, n1, m2]
+              gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2, /*trans=*/true},
+                      {const_cast<T*>(xb), cnt * s.n1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
+            }
+          }
+        }
+      }
+    }
+  });
+  // Ordered reduction over slots.
+  for (int64_t slot = 0; slot < nslots; ++slot) {
+    const T* pa = partial.data() + slot * (sa + sb);
+    if (need_a) {
+      if (slot == 0) std::copy_n(pa, sa, dA); else axpy<T>(sa, T(1), pa, dA);
+    }
+    if (need_b) {
+      if (slot == 0) std::copy_n(pa + sa, sb, dB); else axpy<T>(sb, T(1), pa + sa, dB);
+    }
+  }
+  if (nslots == 0) {
+    if (need_a) std::fill(dA, dA + sa, T(0));
+    if (need_b) std::fill(dB, dB + sb, T(0));
+  }
+}
+
+bool needs_upcast(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t features) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = features;
+  return shape;
+}
+
+at::Tensor kron_linear_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                           const std::optional<at::Tensor>& bias) {
+  const KronShape s = check_kron_linear(kOp, x, A, B, bias);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (needs_upcast(x.scalar_type())) {
+    // Half precision on CPU computes in float32 (BLAS has no fast fp16 path here).
+    std::optional<at::Tensor> b32;
+    if (has_bias) b32 = bias->to(at::kFloat);
+    return kron_linear_cpu(x.to(at::kFloat), A.to(at::kFloat), B.to(at::kFloat), b32).to(x.scalar_type());
+  }
+  const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), Bc = B.contiguous();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  const int64_t N = s.in_features() > 0 ? xc.numel() / s.in_features()
+                                        : (x.dim() > 1 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : 1);
+  at::Tensor y = at::empty(out_shape(x, s.out_features()), x.options());
+  if (N == 0 || s.out_features() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_linear_cpu", [&] {
+    forward_impl<scalar_t>(xc.data_ptr<scalar_t>(), Ac.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(),
+                           has_bias ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, s);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    std::array<bool, 4> mask) {
+  const char* op = "_kron_linear_backward";
+  const KronShape s = check_kron_linear(op, x, A, B, std::nullopt);
+  check_same(op, x, "x", grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == c10::IntArrayRef(out_shape(x, s.out_features())), op,
+              ": grad_y has shape ", grad_y.sizes(), " but the output of kron_linear has shape ",
+              c10::IntArrayRef(out_shape(x, s.out_features())));
+  if (needs_upcast(x.scalar_type())) {
+    auto g = kron_linear_backward_cpu(grad_y.to(at::kFloat), x.to(at::kFloat), A.to(at::kFloat),
+                                      B.to(at::kFloat), mask);
+    auto down = [&](const at::Tensor& t) { return t.numel() ? t.to(x.scalar_type()) : t.to(x.scalar_type()); };
+    return {down(std::get<0>(g)), down(std::get<1>(g)), down(std::get<2>(g)), down(std::get<3>(g))};
+  }
+  const at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor gx = empty, gA = empty, gB = empty, gbias = empty;
+  const at::Tensor g2 = grad_y.contiguous();
+  if (mask[0]) {
+    gx = kron_linear_cpu(g2, A.transpose(1, 2), B.transpose(1, 2), std::nullopt);
+  }
+  if (mask[3]) {
+    gbias = g2.reshape({-1, s.out_features()}).sum(0);
+  }
+  if (mask[1] || mask[2]) {
+    const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), Bc = B.contiguous();
+    const at::Tensor Atc = A.transpose(1, 2).contiguous();
+    const int64_t N = g2.numel() / std::max<int64_t>(s.out_features(), 1);
+    const int64_t rows = s.out_features() > 0 ? N : (s.in_features() > 0 ? xc.numel() / s.in_features() : 0);
+    gA = at::empty(A.sizes(), x.options());
+    gB = at::empty(B.sizes(), x.options());
+    if (rows == 0 || s.in_features() == 0 || s.out_features() == 0) {
+      gA.zero_();
+      gB.zero_();
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_linear_backward_cpu", [&] {
+        factor_grads_impl<scalar_t>(g2.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+                                    Ac.data_ptr<scalar_t>(), Atc.data_ptr<scalar_t>(),
+                                    Bc.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
+                                    gB.data_ptr<scalar_t>(), rows, s, mask[1], mask[2]);
+      });
+    }
+    if (!mask[1]) gA = empty;
+    if (!mask[2]) gB = empty;
+  }
+  return {gx, gA, gB, gbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effnlp, CPU, m) {
+  m.impl("kron_linear", &kron_linear_cpu);
+  m.impl("_kron_linear_backward", &kron_linear_backward_cpu);
+}
+
+}  // namespace effnlp

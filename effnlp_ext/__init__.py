@@ -1,0 +1,20 @@
+"""effnlp_ext: efficient-NLP methods for BERT-family models, with fused C++/CUDA torch ops.
+
+Importing the package loads the compiled op library (``effnlp_ext._C``), which registers the
+``torch.ops.effnlp`` namespace, then the fake kernels and autograd formulas of ``_ops``.
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (must be imported before the extension)
+
+from . import _C  # noqa: F401  registers torch.ops.effnlp.*
+from . import _ops
+from ._ops import kron_linear
+
+__all__ = ["kron_linear", "has_cuda_kernels"]
+__version__ = "0.1.0"
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build registered CUDA kernels for the effnlp ops."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("effnlp::kron_linear", "CUDA")

@@ -1,0 +1,88 @@
+"""Fake (meta) kernels and autograd registration of the compiled effnlp ops.
+
+The schemas live in csrc/registration.cpp; the kernels in csrc/cpu and csrc/cuda. What is
+registered here lets the ops run under torch.compile (fake tensors), FakeTensorMode/meta
+shape propagation, and autograd, where the backward is itself an op.
+"""
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.effnlp
+
+
+def _check_kron(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias, op="kron_linear"):
+    torch._check(A.dim() == 3, lambda: f"{op}: A must be 3-D [R, m1, n1], got {tuple(A.shape)}")
+    torch._check(B.dim() == 3, lambda: f"{op}: B must be 3-D [R, m2, n2], got {tuple(B.shape)}")
+    torch._check(A.shape[0] == B.shape[0],
+                 lambda: f"{op}: A and B must hold the same number of Kronecker terms R, "
+                         f"got {A.shape[0]} and {B.shape[0]}")
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension")
+    torch._check(x.dtype.is_floating_point, lambda: f"{op}: x must be a floating-point tensor")
+    for name, t in (("A", A), ("B", B)) + ((("bias", bias),) if bias is not None else ()):
+        torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but x has "
+                                                 f"dtype {x.dtype}; all inputs must share one dtype")
+        torch._check(t.device == x.device, lambda: f"{op}: {name} is on {t.device} but x is on "
+                                                   f"{x.device}; all inputs must be on one device")
+    n_in = A.shape[2] * B.shape[2]
+    torch._check(x.shape[-1] == n_in,
+                 lambda: f"{op}: x.shape[-1] = {x.shape[-1]} does not match the factors' "
+                         f"in-features n1*n2 = {n_in}")
+    m_out = A.shape[1] * B.shape[1]
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == m_out,
+                     lambda: f"{op}: bias must be 1-D of size m1*m2 = {m_out}")
+    return m_out
+
+
+@torch.library.register_fake("effnlp::kron_linear")
+def _kron_linear_fake(x, A, B, bias):
+    m_out = _check_kron(x, A, B, bias)
+    return x.new_empty((*x.shape[:-1], m_out))
+
+
+@torch.library.register_fake("effnlp::_kron_linear_backward")
+def _kron_linear_backward_fake(grad_y, x, A, B, output_mask):
+    m_out = _check_kron(x, A, B, None, op="_kron_linear_backward")
+    torch._check(grad_y.shape == (*x.shape[:-1], m_out),
+                 lambda: "_kron_linear_backward: grad_y does not have the output's shape")
+    empty = x.new_empty((0,))
+    return (x.new_empty(x.shape) if output_mask[0] else empty,
+            A.new_empty(A.shape) if output_mask[1] else empty,
+            B.new_empty(B.shape) if output_mask[2] else empty,
+            x.new_empty((m_out,)) if output_mask[3] else empty)
+
+
+def _kron_linear_setup(ctx, inputs, output):
+    x, A, B, bias = inputs
+    ctx.save_for_backward(x, A, B)
+    ctx.has_bias = bias is not None
+
+
+def _kron_linear_backward(ctx, grad_y):
+    x, A, B = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+            ctx.has_bias and ctx.needs_input_grad[3]]
+    gx, gA, gB, gbias = _ops._kron_linear_backward(grad_y, x, A, B, mask)
+    return (gx if mask[0] else None, gA if mask[1] else None, gB if mask[2] else None,
+            gbias if mask[3] else None)
+
+
+torch.library.register_autograd("effnlp::kron_linear", _kron_linear_backward,
+                                setup_context=_kron_linear_setup)
+
+
+def kron_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (sum_r kron(A[r], B[r])).T + bias`` without forming the dense weight.
+
+    Args:
+        x: ``[..., n1*n2]`` activations (any leading batch dimensions).
+        A: ``[R, m1, n1]`` left Kronecker factors.
+        B: ``[R, m2, n2]`` right Kronecker factors.
+        bias: optional ``[m1*m2]``.
+    Returns:
+        ``[..., m1*m2]``. Differentiable in all four inputs; fp32/fp64 on CPU (fp16/bf16
+        computed in fp32), plus fp16/bf16 on CUDA.
+    """
+    return _ops.kron_linear(x, A, B, bias)
