@@ -46,11 +46,9 @@ def _kron_linear_backward_fake(grad_y, x, A, B, output_mask):
     m_out = _check_kron(x, A, B, None, op="_kron_linear_backward")
     torch._check(grad_y.shape == (*x.shape[:-1], m_out),
                  lambda: "_kron_linear_backward: grad_y does not have the output's shape")
-    empty = x.new_empty((0,))
-    return (x.new_empty(x.shape) if output_mask[0] else empty,
-            A.new_empty(A.shape) if output_mask[1] else empty,
-            B.new_empty(B.shape) if output_mask[2] else empty,
-            x.new_empty((m_out,)) if output_mask[3] else empty)
+    shapes = (x.shape, A.shape, B.shape, (m_out,))
+    # Masked-off gradients are distinct empty tensors, as the kernels return them.
+    return tuple(x.new_empty(shape if needed else (0,)) for shape, needed in zip(shapes, output_mask))
 
 
 def _kron_linear_setup(ctx, inputs, output):

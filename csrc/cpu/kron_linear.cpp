@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <vector>
 
 #include "effnlp/checks.h"
@@ -190,6 +191,7 @@ void contract_tokens(const T* P, int64_t a, const T* Q, int64_t b, int64_t nb, i
 // Tokens per block: enough rows for efficient inner GEMMs, few enough that the block's input,
 // intermediate and output stay near L2.
 inline int64_t block_tokens(const KronShape& s, int64_t N) {
+  if (const char* e = std::getenv("EFFNLP_KRON_NB")) return std::min<int64_t>(std::atoi(e), std::max<int64_t>(N, 1));
   const int64_t per_token = s.n1 * s.n2 + s.m1 * s.m2 + std::max(s.n1 * s.m2, s.m1 * s.n2);
   int64_t nb = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(per_token, 1));
   const int64_t min_rows = std::min(s.n1, s.m1) > 0 ? (128 + std::min(s.n1, s.m1) - 1) / std::min(s.n1, s.m1) : 1;
@@ -204,6 +206,44 @@ inline bool b_first(const KronShape& s) {
   return cost_b <= cost_a;
 }
 
+// A tiny right factor (e.g. KroneckerBERT attention: A 384x384, B 2x2) leaves rows of 2
+// elements that no GEMM handles well. Instead B is applied while the block is transposed to
+// P[i2, n, j1] = sum_j2 B[i2, j2] X[n, j1, j2]; then a single GEMM per term with the large
+// factor as the weight operand, Q[(i2, n), i1] += P[(i2, n), :] @ A^T, and one pass that
+// interleaves Q back into Y[n, i1, i2].
+inline bool tiny_b(const KronShape& s) { return s.m2 <= 4 && s.n2 <= 4 && s.m1 >= 16 && s.n1 >= 16; }
+
+template <typename T>
+void forward_block_tiny_b(const T* xb, const T* A, const T* B, const T* bias, T* yb, int64_t cnt,
+                          const KronShape& s, std::vector<T>& P, std::vector<T>& Q) {
+  P.resize(s.m2 * cnt * s.n1);
+  Q.resize(s.m2 * cnt * s.m1);
+  for (int64_t r = 0; r < s.R; ++r) {
+    const T* Ar = A + r * s.m1 * s.n1;
+    const T* Br = B + r * s.m2 * s.n2;
+    for (int64_t n = 0; n < cnt; ++n) {
+      const T* xn = xb + n * s.n1 * s.n2;
+      for (int64_t i2 = 0; i2 < s.m2; ++i2) {
+        T* prow = P.data() + (i2 * cnt + n) * s.n1;
+        const T* brow = Br + i2 * s.n2;
+        for (int64_t j1 = 0; j1 < s.n1; ++j1) {
+          T v = T(0);
+          for (int64_t j2 = 0; j2 < s.n2; ++j2) v += brow[j2] * xn[j1 * s.n2 + j2];
+          prow[j1] = v;
+        }
+      }
+    }
+    gemm<T>({P.data(), s.m2 * cnt, s.n1, s.n1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true},
+            {Q.data(), s.m2 * cnt, s.m1, s.m1}, r > 0);
+  }
+  for (int64_t n = 0; n < cnt; ++n) {
+    T* yn = yb + n * s.m1 * s.m2;
+    for (int64_t i1 = 0; i1 < s.m1; ++i1)
+      for (int64_t i2 = 0; i2 < s.m2; ++i2)
+        yn[i1 * s.m2 + i2] = Q[(i2 * cnt + n) * s.m1 + i1] + (bias ? bias[i1 * s.m2 + i2] : T(0));
+  }
+}
+
 template <typename T>
 void forward_impl(const T* x, const T* A, const T* B, const T* bias, T* y, int64_t N,
                   const KronShape& s) {
@@ -211,12 +251,17 @@ void forward_impl(const T* x, const T* A, const T* B, const T* bias, T* y, int64
   const int64_t nb = block_tokens(s, N);
   const int64_t nblocks = (N + nb - 1) / nb;
   const bool bfirst = b_first(s);
+  const bool tiny = tiny_b(s);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> mid(nb * std::max(s.n1 * s.m2, s.m1 * s.n2)), pin, pout;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * nb, cnt = std::min(nb, N - t0);
       const T* xb = x + t0 * in;
       T* yb = y + t0 * out;
+      if (tiny && s.R > 0) {
+        forward_block_tiny_b<T>(xb, A, B, bias, yb, cnt, s, pin, pout);
+        continue;
+      }
       for (int64_t r = 0; r < s.R; ++r) {
         const T* Ar = A + r * s.m1 * s.n1;
         const T* Br = B + r * s.m2 * s.n2;
@@ -354,11 +399,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_
   if (needs_upcast(x.scalar_type())) {
     auto g = kron_linear_backward_cpu(grad_y.to(at::kFloat), x.to(at::kFloat), A.to(at::kFloat),
                                       B.to(at::kFloat), mask);
-    auto down = [&](const at::Tensor& t) { return t.numel() ? t.to(x.scalar_type()) : t.to(x.scalar_type()); };
+    auto down = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
     return {down(std::get<0>(g)), down(std::get<1>(g)), down(std::get<2>(g)), down(std::get<3>(g))};
   }
-  const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor gx = empty, gA = empty, gB = empty, gbias = empty;
+  // Masked-off gradients are distinct empty tensors (outputs of an op must not alias).
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor gx = empty(), gA = empty(), gB = empty(), gbias = empty();
   const at::Tensor g2 = grad_y.contiguous();
   if (mask[0]) {
     gx = kron_linear_cpu(g2, A.transpose(1, 2), B.transpose(1, 2), std::nullopt);
@@ -384,8 +430,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_
                                     gB.data_ptr<scalar_t>(), rows, s, mask[1], mask[2]);
       });
     }
-    if (!mask[1]) gA = empty;
-    if (!mask[2]) gB = empty;
+    if (!mask[1]) gA = empty();
+    if (!mask[2]) gB = empty();
   }
   return {gx, gA, gB, gbias};
 }
