@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <vector>
 
 #include "effnlp/checks.h"
@@ -191,7 +190,6 @@ void contract_tokens(const T* P, int64_t a, const T* Q, int64_t b, int64_t nb, i
 // Tokens per block: enough rows for efficient inner GEMMs, few enough that the block's input,
 // intermediate and output stay near L2.
 inline int64_t block_tokens(const KronShape& s, int64_t N) {
-  if (const char* e = std::getenv("EFFNLP_KRON_NB")) return std::min<int64_t>(std::atoi(e), std::max<int64_t>(N, 1));
   const int64_t per_token = s.n1 * s.n2 + s.m1 * s.m2 + std::max(s.n1 * s.m2, s.m1 * s.n2);
   int64_t nb = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(per_token, 1));
   const int64_t min_rows = std::min(s.n1, s.m1) > 0 ? (128 + std::min(s.n1, s.m1) - 1) / std::min(s.n1, s.m1) : 1;
@@ -283,13 +281,61 @@ void forward_impl(const T* x, const T* A, const T* B, const T* bias, T* y, int64
   });
 }
 
+// dA/dB of a sub-block when B is tiny (see forward_block_tiny_b). With the block transposed,
+//   D[i2, n, i1] = dY[n, i1, i2],  Xd[j2, n, j1] = X[n, j1, j2],  P[i2, n, :] = sum_j2 B[i2, j2] Xd[j2, n, :]
+//   dA[i1, j1] += sum_(i2, n) D[(i2, n), i1] P[(i2, n), j1]        one GEMM, inner length m2*cnt
+//   U[(j2, n), :] = Xd[(j2, n), :] @ A^T;  dB[i2, j2] += <D[i2], U[j2]>   one GEMM + m2*n2 dots
+template <typename T>
+void factor_grads_block_tiny_b(const T* gb, const T* xb, const T* A, const T* B, T* dA, T* dB,
+                               int64_t cnt, const KronShape& s, bool need_a, bool need_b,
+                               std::vector<T>& D, std::vector<T>& Xd, std::vector<T>& PU) {
+  D.resize(s.m2 * cnt * s.m1);
+  Xd.resize(s.n2 * cnt * s.n1);
+  for (int64_t n = 0; n < cnt; ++n) {
+    const T* gn = gb + n * s.m1 * s.m2;
+    for (int64_t i1 = 0; i1 < s.m1; ++i1)
+      for (int64_t i2 = 0; i2 < s.m2; ++i2) D[(i2 * cnt + n) * s.m1 + i1] = gn[i1 * s.m2 + i2];
+    const T* xn = xb + n * s.n1 * s.n2;
+    for (int64_t j1 = 0; j1 < s.n1; ++j1)
+      for (int64_t j2 = 0; j2 < s.n2; ++j2) Xd[(j2 * cnt + n) * s.n1 + j1] = xn[j1 * s.n2 + j2];
+  }
+  const int64_t w = cnt * s.n1;
+  for (int64_t r = 0; r < s.R; ++r) {
+    const T* Ar = A + r * s.m1 * s.n1;
+    const T* Br = B + r * s.m2 * s.n2;
+    if (need_a) {
+      PU.resize(s.m2 * w);
+      for (int64_t i2 = 0; i2 < s.m2; ++i2) {
+        T* prow = PU.data() + i2 * w;
+        std::fill(prow, prow + w, T(0));
+        for (int64_t j2 = 0; j2 < s.n2; ++j2) axpy<T>(w, Br[i2 * s.n2 + j2], Xd.data() + j2 * w, prow);
+      }
+      gemm<T>({D.data(), s.m2 * cnt, s.m1, s.m1, /*trans=*/true}, {PU.data(), s.m2 * cnt, s.n1, s.n1},
+              {dA + r * s.m1 * s.n1, s.m1, s.n1, s.n1}, true);
+    }
+    if (need_b) {
+      PU.resize(s.n2 * cnt * s.m1);
+      gemm<T>({Xd.data(), s.n2 * cnt, s.n1, s.n1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true},
+              {PU.data(), s.n2 * cnt, s.m1, s.m1}, false);
+      T* dBr = dB + r * s.m2 * s.n2;
+      for (int64_t i2 = 0; i2 < s.m2; ++i2)
+        for (int64_t j2 = 0; j2 < s.n2; ++j2)
+          dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.m1, D.data() + i2 * cnt * s.m1, PU.data() + j2 * cnt * s.m1);
+    }
+  }
+}
+
 // Accumulates dA [R, m1, n1] and dB [R, m2, n2] over tokens.
 template <typename T>
 void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T* B, T* dA, T* dB,
                        int64_t N, const KronShape& s, bool need_a, bool need_b) {
   const int64_t in = s.in_features(), out = s.out_features();
-  const int64_t nb = block_tokens(s, N);
-  const int64_t nslots = std::min<int64_t>(16, (N + nb - 1) / nb);
+  // The contractions over tokens are GEMMs whose inner dimension is the sub-block's rows:
+  // sub-blocks here are as large as a ~4 MB intermediate allows, so those GEMMs are long and
+  // the [m, n] accumulators are read and written rarely.
+  const int64_t mid_per_token = std::max<int64_t>(1, std::max(s.m1 * s.n2, s.n1 * s.m2));
+  const int64_t nb = std::max(block_tokens(s, N), std::min<int64_t>(N, (int64_t(1) << 20) / mid_per_token));
+  const int64_t nslots = std::min<int64_t>(16, (N + block_tokens(s, N) - 1) / block_tokens(s, N));
   const int64_t sa = s.R * s.m1 * s.n1, sb = s.R * s.m2 * s.n2;
   std::vector<T> partial(nslots * (sa + sb), T(0));
   // dA via G = dY B (cost m1*m2*n2 + m1*n1*n2) or T = X B^T (n1*n2*m2 + m1*n1*m2).
@@ -297,6 +343,7 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
   // dB via U = A X (m1*n1*n2 + m1*m2*n2) or V = A^T dY (n1*m1*m2 + n1*m2*n2).
   const bool b_via_u = s.m1 * s.n1 * s.n2 + s.m1 * s.m2 * s.n2 <= s.n1 * s.m1 * s.m2 + s.n1 * s.m2 * s.n2;
   const int64_t mid_size = nb * std::max(s.m1 * s.n2, s.n1 * s.m2);
+  const bool tiny = tiny_b(s);
   at::parallel_for(0, nslots, 1, [&](int64_t s0, int64_t s1) {
     std::vector<T> mid(mid_size), p1, p2;
     for (int64_t slot = s0; slot < s1; ++slot) {
@@ -307,6 +354,10 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
         const int64_t cnt = std::min(nb, te - t0);
         const T* xb = x + t0 * in;
         const T* gb = gy + t0 * out;
+        if (tiny) {
+          factor_grads_block_tiny_b<T>(gb, xb, A, B, pa, pb, cnt, s, need_a, need_b, mid, p1, p2);
+          continue;
+        }
         for (int64_t r = 0; r < s.R; ++r) {
           const T* Ar = A + r * s.m1 * s.n1;
           const T* Atr = At + r * s.m1 * s.n1;
