@@ -1,0 +1,49 @@
+"""Timing helpers shared by bench/ and the demo: medians, the machine's own GEMM ceiling."""
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+_CEILING: dict[str, float] = {}
+
+
+def median_time(fn, *, warmup: int = 2, min_rounds: int = 5, min_time: float = 0.5,
+                max_rounds: int = 200) -> float:
+    """Median wall time of ``fn()`` in seconds: at least ``min_rounds`` runs and ``min_time`` s."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_rounds or (time.perf_counter() - start < min_time and len(times) < max_rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def machine_ceiling() -> dict[str, float]:
+    """fp32 GEMM GFLOP/s of a 2048^3 ``torch.mm`` measured now (cached for the process)."""
+    if not _CEILING:
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        t = median_time(lambda: torch.mm(a, b), min_rounds=5, min_time=1.0)
+        _CEILING["mm2048_gflops"] = 2 * 2048 ** 3 / t / 1e9
+    return _CEILING
+
+
+def machine_info() -> dict:
+    """What a benchmark figure depends on: torch build, threads, ISA, the GEMM ceiling."""
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        isa = "unknown"
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "isa": isa,
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        **machine_ceiling(),
+    }
