@@ -1,0 +1,87 @@
+"""The ``effnlp`` command.
+
+  effnlp demo [--quick] [--data-dir DIR] [--cf 4 8]   the main job: Kronecker benchmark table
+                                                      and the MiniLM compression report
+  effnlp bench-kron [--full] [--json PATH]           the kron_linear benchmark table alone
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never downloads
+
+
+def _default_data_dir() -> Path:
+    env = os.environ.get("EFFNLP_DATA_DIR")
+    if env:
+        return Path(env)
+    # Source checkout: <repo>/../shared/data; else ./data
+    repo = Path(__file__).resolve().parents[1]
+    for cand in (repo.parent / "shared" / "data", Path.cwd() / "data"):
+        if cand.is_dir():
+            return cand
+    return repo.parent / "shared" / "data"
+
+
+def bench_kron(full: bool = False, json_path: str | None = None) -> str:
+    from .benchmarking import machine_info
+    from .kronecker.benchmark import CASES, QUICK_CASES, render_table, run_case
+
+    rows = []
+    cases = list(CASES) if full else QUICK_CASES
+    for case in cases:
+        for n_tokens in ([512, 4096] if full else [4096]):
+            for mode in ("fwd", "fwd+bwd"):
+                rows += run_case(case, n_tokens, mode, quick=not full)
+    meta = machine_info()
+    if json_path:
+        Path(json_path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return render_table(meta, rows)
+
+
+def demo(args) -> int:
+    import torch
+
+    from .kronecker.report import format_report, minilm_compression_report
+
+    t0 = time.time()
+    print(f"effnlp demo — torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("## kron_linear vs dense and torch compositions (4096 tokens)\n")
+    print(bench_kron(full=False), "\n", flush=True)
+    print("## MiniLM-L6 (offline all-MiniLM-L6-v2) compressed with Kronecker factors, no training\n")
+    kwargs = {"data_dir": args.data_dir}
+    if args.cf:
+        kwargs["cfs"] = tuple(args.cf)
+    report = minilm_compression_report(**kwargs)
+    print(format_report(report))
+    print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="effnlp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="Kronecker benchmark table + MiniLM compression report")
+    d.add_argument("--data-dir", type=Path, default=_default_data_dir(),
+                   help="folder laid out like ../shared/data (SST-2/dev.tsv is read)")
+    d.add_argument("--cf", type=float, nargs="*", help="compression factors to report")
+    b = sub.add_parser("bench-kron", help="kron_linear benchmark table")
+    b.add_argument("--full", action="store_true", help="all shapes, 512 and 4096 tokens")
+    b.add_argument("--json", help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.cmd == "demo":
+        return demo(args)
+    if args.cmd == "bench-kron":
+        print(bench_kron(args.full, args.json))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
