@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # Flags measured on x86_64 (see DESIGN.md §3): -fopenmp at compile AND link time, otherwise
 # at::parallel_for runs on one thread; the CPU_CAPABILITY defines select the AVX2
 # at::vec::Vectorized instead of the generic one. -g0 nearly halves the build time.
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas", "-std=c++17"]
+# No -std here: torch's BuildExtension adds the standard its headers need (torch 2.14's use C++20
+# operator<=>, so a hard-coded -std=c++17 breaks every build against it).
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"]
 if os.uname().machine in ("x86_64", "AMD64"):
     CXX_FLAGS += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 LINK_FLAGS = ["-fopenmp"]
@@ -34,7 +36,7 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "--extended-lambda", "--expt-relaxed-constexpr", "-std=c++17",
+        nvcc = ["-O3", "--extended-lambda", "--expt-relaxed-constexpr",
                 "-DEFFNLP_WITH_CUDA"]
         extra_inc = os.environ.get("EFFNLP_CUDA_EXTRA_INCLUDE")
         if extra_inc:
