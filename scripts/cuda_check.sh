@@ -51,15 +51,17 @@ resolve_nvcc() {
   return 1
 }
 step "CUDA toolkit"
-if [ -z "${CUDA_HOME:-}" ] || [ ! -x "${CUDA_HOME}/bin/nvcc" ]; then
-  CUDA_HOME=""
-  if NVCC_ON_PATH="$(command -v nvcc)" && REAL_NVCC="$(resolve_nvcc "$NVCC_ON_PATH")"; then
-    CUDA_HOME="$(dirname "$(dirname "$REAL_NVCC")")"
-  elif [ -x /usr/local/cuda/bin/nvcc ]; then
-    CUDA_HOME="$(readlink -f /usr/local/cuda)"
-  fi
+NVCC=""
+if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+  NVCC="$CUDA_HOME/bin/nvcc"
+elif command -v nvcc >/dev/null; then
+  NVCC="$(command -v nvcc)"
+elif [ -x /usr/local/cuda/bin/nvcc ]; then
+  NVCC=/usr/local/cuda/bin/nvcc
 fi
-[ -n "$CUDA_HOME" ] && [ -x "$CUDA_HOME/bin/nvcc" ] || die "no CUDA toolkit found (set CUDA_HOME)"
+[ -n "$NVCC" ] || die "no nvcc found (set CUDA_HOME)"
+REAL_NVCC="$(resolve_nvcc "$NVCC")" || die "cannot resolve $NVCC to the nvcc binary (set CUDA_HOME)"
+CUDA_HOME="$(dirname "$(dirname "$REAL_NVCC")")"
 export CUDA_HOME
 export PATH="$CUDA_HOME/bin:$PATH"
 echo "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'))"
