@@ -140,7 +140,7 @@ def choose_factor_shapes(W: torch.Tensor, cf: float, max_rank: int | None = 8,
         truncation keeps for an unstructured matrix, ``r / min(M, N)`` at the largest
         admissible rank ``r`` (fewer parameters break ties). This favours a small
         ``min(M, N)``, which is also where the SVD is cheapest; on MiniLM's weights it picks
-        within 0.01 relative error of an exhaustive search at a fiftieth of its cost.
+        within 0.005 relative error of an exhaustive search at 1/30 to 1/100 of its cost.
 
     Args:
         W: ``[out, in]`` dense weight.
