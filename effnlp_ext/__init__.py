@@ -18,3 +18,7 @@ __version__ = "0.1.0"
 def has_cuda_kernels() -> bool:
     """Whether this build registered CUDA kernels for the effnlp ops."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("effnlp::kron_linear", "CUDA")
+
+
+from . import kronecker  # noqa: E402  (method slice; needs the ops registered above)
+from .kronecker import KronEmbedding, KronLinear  # noqa: E402
