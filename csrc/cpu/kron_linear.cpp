@@ -204,35 +204,64 @@ inline bool b_first(const KronShape& s) {
   return cost_b <= cost_a;
 }
 
-// A tiny right factor (e.g. KroneckerBERT attention: A 384x384, B 2x2) leaves rows of 2
-// elements that no GEMM handles well. Instead B is applied while the block is transposed to
-// P[i2, n, j1] = sum_j2 B[i2, j2] X[n, j1, j2]; then a single GEMM per term with the large
-// factor as the weight operand, Q[(i2, n), i1] += P[(i2, n), :] @ A^T, and one pass that
-// interleaves Q back into Y[n, i1, i2].
-inline bool tiny_b(const KronShape& s) { return s.m2 <= 4 && s.n2 <= 4 && s.m1 >= 16 && s.n1 >= 16; }
+// A small right factor (KroneckerBERT attention's 2x2, or the 24x3 a shape search may pick)
+// leaves the natural layout with rows of a few elements, which no GEMM handles well. Such
+// blocks are computed in a transposed layout instead, with the tokens inside the rows:
+//   Xd[j2, n, j1] = X[n, j1, j2]                      (one transpose of the block)
+//   B first:  P[i2] = sum_j2 B[i2, j2] Xd[j2]          (axpys over rows of cnt*n1)
+//             Q[(i2, n), :] (+)= P[(i2, n), :] @ A^T   (one GEMM per term, inner dim n1)
+//   A first:  U[(j2, n), :] = Xd[(j2, n), :] @ A^T     (one GEMM per term, inner dim n1)
+//             Q[i2] (+)= sum_j2 B[i2, j2] U[j2]        (axpys over rows of cnt*m1)
+//   Y[n, i1, i2] = Q[i2, n, i1] (+ bias)               (one interleaving pass)
+// Both orders keep the large factor A as the GEMM's weight operand.
+inline bool small_b(const KronShape& s) {
+  return std::min(s.m2, s.n2) <= 8 && s.m2 * s.n2 <= 512 && s.m1 >= 8 && s.n1 >= 8;
+}
+
+// Xd[j2, n, j1] = X[n, j1, j2] for a block of cnt tokens.
+template <typename T>
+void transpose_block(const T* xb, int64_t cnt, int64_t rows, int64_t cols, T* out) {
+  for (int64_t n = 0; n < cnt; ++n) {
+    const T* xn = xb + n * rows * cols;
+    for (int64_t j1 = 0; j1 < rows; ++j1)
+      for (int64_t j2 = 0; j2 < cols; ++j2) out[(j2 * cnt + n) * rows + j1] = xn[j1 * cols + j2];
+  }
+}
+
+// dst[i] = sum_j coef[i, j] * src[j] over rows of length len: dst rows (accumulate or not).
+template <typename T>
+void combine_rows(const T* coef, int64_t n_dst, int64_t n_src, bool coef_transposed, const T* src,
+                  int64_t len, T* dst, bool accumulate) {
+  for (int64_t i = 0; i < n_dst; ++i) {
+    T* row = dst + i * len;
+    if (!accumulate) std::fill(row, row + len, T(0));
+    for (int64_t j = 0; j < n_src; ++j) {
+      const T c = coef_transposed ? coef[j * n_dst + i] : coef[i * n_src + j];
+      axpy<T>(len, c, src + j * len, row);
+    }
+  }
+}
 
 template <typename T>
-void forward_block_tiny_b(const T* xb, const T* A, const T* B, const T* bias, T* yb, int64_t cnt,
-                          const KronShape& s, std::vector<T>& P, std::vector<T>& Q) {
-  P.resize(s.m2 * cnt * s.n1);
+void forward_block_small_b(const T* xb, const T* A, const T* B, const T* bias, T* yb, int64_t cnt,
+                           const KronShape& s, bool bfirst, std::vector<T>& Xd,
+                           std::vector<T>& PU, std::vector<T>& Q) {
+  Xd.resize(s.n2 * cnt * s.n1);
   Q.resize(s.m2 * cnt * s.m1);
+  transpose_block<T>(xb, cnt, s.n1, s.n2, Xd.data());
   for (int64_t r = 0; r < s.R; ++r) {
     const T* Ar = A + r * s.m1 * s.n1;
     const T* Br = B + r * s.m2 * s.n2;
-    for (int64_t n = 0; n < cnt; ++n) {
-      const T* xn = xb + n * s.n1 * s.n2;
-      for (int64_t i2 = 0; i2 < s.m2; ++i2) {
-        T* prow = P.data() + (i2 * cnt + n) * s.n1;
-        const T* brow = Br + i2 * s.n2;
-        for (int64_t j1 = 0; j1 < s.n1; ++j1) {
-          T v = T(0);
-          for (int64_t j2 = 0; j2 < s.n2; ++j2) v += brow[j2] * xn[j1 * s.n2 + j2];
-          prow[j1] = v;
-        }
-      }
+    const Mat<T> At{const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true};
+    if (bfirst) {
+      PU.resize(s.m2 * cnt * s.n1);
+      combine_rows<T>(Br, s.m2, s.n2, false, Xd.data(), cnt * s.n1, PU.data(), false);
+      gemm<T>({PU.data(), s.m2 * cnt, s.n1, s.n1}, At, {Q.data(), s.m2 * cnt, s.m1, s.m1}, r > 0);
+    } else {
+      PU.resize(s.n2 * cnt * s.m1);
+      gemm<T>({Xd.data(), s.n2 * cnt, s.n1, s.n1}, At, {PU.data(), s.n2 * cnt, s.m1, s.m1}, false);
+      combine_rows<T>(Br, s.m2, s.n2, false, PU.data(), cnt * s.m1, Q.data(), r > 0);
     }
-    gemm<T>({P.data(), s.m2 * cnt, s.n1, s.n1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true},
-            {Q.data(), s.m2 * cnt, s.m1, s.m1}, r > 0);
   }
   for (int64_t n = 0; n < cnt; ++n) {
     T* yn = yb + n * s.m1 * s.m2;
@@ -249,15 +278,15 @@ void forward_impl(const T* x, const T* A, const T* B, const T* bias, T* y, int64
   const int64_t nb = block_tokens(s, N);
   const int64_t nblocks = (N + nb - 1) / nb;
   const bool bfirst = b_first(s);
-  const bool tiny = tiny_b(s);
+  const bool transposed = small_b(s);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> mid(nb * std::max(s.n1 * s.m2, s.m1 * s.n2)), pin, pout;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * nb, cnt = std::min(nb, N - t0);
       const T* xb = x + t0 * in;
       T* yb = y + t0 * out;
-      if (tiny && s.R > 0) {
-        forward_block_tiny_b<T>(xb, A, B, bias, yb, cnt, s, pin, pout);
+      if (transposed && s.R > 0) {
+        forward_block_small_b<T>(xb, A, B, bias, yb, cnt, s, bfirst, pin, pout, mid);
         continue;
       }
       for (int64_t r = 0; r < s.R; ++r) {
@@ -281,46 +310,57 @@ void forward_impl(const T* x, const T* A, const T* B, const T* bias, T* y, int64
   });
 }
 
-// dA/dB of a sub-block when B is tiny (see forward_block_tiny_b). With the block transposed,
-//   D[i2, n, i1] = dY[n, i1, i2],  Xd[j2, n, j1] = X[n, j1, j2],  P[i2, n, :] = sum_j2 B[i2, j2] Xd[j2, n, :]
-//   dA[i1, j1] += sum_(i2, n) D[(i2, n), i1] P[(i2, n), j1]        one GEMM, inner length m2*cnt
-//   U[(j2, n), :] = Xd[(j2, n), :] @ A^T;  dB[i2, j2] += <D[i2], U[j2]>   one GEMM + m2*n2 dots
+// dA/dB of a sub-block in the transposed layout of forward_block_small_b. With
+//   D[i2, n, i1] = dY[n, i1, i2] and Xd[j2, n, j1] = X[n, j1, j2],
+// each factor gradient is one GEMM (or a few dots) plus axpys, by the cheaper of two orders:
+//   dA via T:  P[i2] = sum_j2 B[i2, j2] Xd[j2];   dA += D^T [m1, m2*cnt] @ P [m2*cnt, n1]
+//   dA via G:  G[j2] = sum_i2 B[i2, j2] D[i2];    dA += G^T [m1, n2*cnt] @ Xd [n2*cnt, n1]
+//   dB via U:  U = Xd [n2*cnt, n1] @ A^T;          dB[i2, j2] += <D[i2], U[j2]>
+//   dB via V:  V = D [m2*cnt, m1] @ A;             dB[i2, j2] += <V[i2], Xd[j2]>
 template <typename T>
-void factor_grads_block_tiny_b(const T* gb, const T* xb, const T* A, const T* B, T* dA, T* dB,
-                               int64_t cnt, const KronShape& s, bool need_a, bool need_b,
-                               std::vector<T>& D, std::vector<T>& Xd, std::vector<T>& PU) {
+void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B, T* dA, T* dB,
+                                int64_t cnt, const KronShape& s, bool need_a, bool need_b,
+                                std::vector<T>& D, std::vector<T>& Xd, std::vector<T>& W) {
   D.resize(s.m2 * cnt * s.m1);
   Xd.resize(s.n2 * cnt * s.n1);
-  for (int64_t n = 0; n < cnt; ++n) {
-    const T* gn = gb + n * s.m1 * s.m2;
-    for (int64_t i1 = 0; i1 < s.m1; ++i1)
-      for (int64_t i2 = 0; i2 < s.m2; ++i2) D[(i2 * cnt + n) * s.m1 + i1] = gn[i1 * s.m2 + i2];
-    const T* xn = xb + n * s.n1 * s.n2;
-    for (int64_t j1 = 0; j1 < s.n1; ++j1)
-      for (int64_t j2 = 0; j2 < s.n2; ++j2) Xd[(j2 * cnt + n) * s.n1 + j1] = xn[j1 * s.n2 + j2];
-  }
-  const int64_t w = cnt * s.n1;
+  transpose_block<T>(gb, cnt, s.m1, s.m2, D.data());
+  transpose_block<T>(xb, cnt, s.n1, s.n2, Xd.data());
+  const bool a_via_t = s.m2 * s.n2 * s.n1 + s.m1 * s.n1 * s.m2 <= s.n2 * s.m2 * s.m1 + s.m1 * s.n1 * s.n2;
+  const bool b_via_u = s.n2 * s.n1 * s.m1 + s.m2 * s.n2 * s.m1 <= s.m2 * s.m1 * s.n1 + s.m2 * s.n2 * s.n1;
   for (int64_t r = 0; r < s.R; ++r) {
     const T* Ar = A + r * s.m1 * s.n1;
     const T* Br = B + r * s.m2 * s.n2;
     if (need_a) {
-      PU.resize(s.m2 * w);
-      for (int64_t i2 = 0; i2 < s.m2; ++i2) {
-        T* prow = PU.data() + i2 * w;
-        std::fill(prow, prow + w, T(0));
-        for (int64_t j2 = 0; j2 < s.n2; ++j2) axpy<T>(w, Br[i2 * s.n2 + j2], Xd.data() + j2 * w, prow);
+      const Mat<T> dAr{dA + r * s.m1 * s.n1, s.m1, s.n1, s.n1};
+      if (a_via_t) {
+        W.resize(s.m2 * cnt * s.n1);
+        combine_rows<T>(Br, s.m2, s.n2, false, Xd.data(), cnt * s.n1, W.data(), false);
+        gemm<T>({D.data(), s.m2 * cnt, s.m1, s.m1, /*trans=*/true}, {W.data(), s.m2 * cnt, s.n1, s.n1},
+                dAr, true);
+      } else {
+        W.resize(s.n2 * cnt * s.m1);
+        combine_rows<T>(Br, s.n2, s.m2, true, D.data(), cnt * s.m1, W.data(), false);
+        gemm<T>({W.data(), s.n2 * cnt, s.m1, s.m1, /*trans=*/true}, {Xd.data(), s.n2 * cnt, s.n1, s.n1},
+                dAr, true);
       }
-      gemm<T>({D.data(), s.m2 * cnt, s.m1, s.m1, /*trans=*/true}, {PU.data(), s.m2 * cnt, s.n1, s.n1},
-              {dA + r * s.m1 * s.n1, s.m1, s.n1, s.n1}, true);
     }
     if (need_b) {
-      PU.resize(s.n2 * cnt * s.m1);
-      gemm<T>({Xd.data(), s.n2 * cnt, s.n1, s.n1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true},
-              {PU.data(), s.n2 * cnt, s.m1, s.m1}, false);
       T* dBr = dB + r * s.m2 * s.n2;
-      for (int64_t i2 = 0; i2 < s.m2; ++i2)
-        for (int64_t j2 = 0; j2 < s.n2; ++j2)
-          dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.m1, D.data() + i2 * cnt * s.m1, PU.data() + j2 * cnt * s.m1);
+      if (b_via_u) {
+        W.resize(s.n2 * cnt * s.m1);
+        gemm<T>({Xd.data(), s.n2 * cnt, s.n1, s.n1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true},
+                {W.data(), s.n2 * cnt, s.m1, s.m1}, false);
+        for (int64_t i2 = 0; i2 < s.m2; ++i2)
+          for (int64_t j2 = 0; j2 < s.n2; ++j2)
+            dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.m1, D.data() + i2 * cnt * s.m1, W.data() + j2 * cnt * s.m1);
+      } else {
+        W.resize(s.m2 * cnt * s.n1);
+        gemm<T>({D.data(), s.m2 * cnt, s.m1, s.m1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1},
+                {W.data(), s.m2 * cnt, s.n1, s.n1}, false);
+        for (int64_t i2 = 0; i2 < s.m2; ++i2)
+          for (int64_t j2 = 0; j2 < s.n2; ++j2)
+            dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.n1, W.data() + i2 * cnt * s.n1, Xd.data() + j2 * cnt * s.n1);
+      }
     }
   }
 }
@@ -343,7 +383,7 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
   // dB via U = A X (m1*n1*n2 + m1*m2*n2) or V = A^T dY (n1*m1*m2 + n1*m2*n2).
   const bool b_via_u = s.m1 * s.n1 * s.n2 + s.m1 * s.m2 * s.n2 <= s.n1 * s.m1 * s.m2 + s.n1 * s.m2 * s.n2;
   const int64_t mid_size = nb * std::max(s.m1 * s.n2, s.n1 * s.m2);
-  const bool tiny = tiny_b(s);
+  const bool transposed = small_b(s);
   at::parallel_for(0, nslots, 1, [&](int64_t s0, int64_t s1) {
     std::vector<T> mid(mid_size), p1, p2;
     for (int64_t slot = s0; slot < s1; ++slot) {
@@ -354,8 +394,8 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
         const int64_t cnt = std::min(nb, te - t0);
         const T* xb = x + t0 * in;
         const T* gb = gy + t0 * out;
-        if (tiny) {
-          factor_grads_block_tiny_b<T>(gb, xb, A, B, pa, pb, cnt, s, need_a, need_b, mid, p1, p2);
+        if (transposed) {
+          factor_grads_block_small_b<T>(gb, xb, A, B, pa, pb, cnt, s, need_a, need_b, mid, p1, p2);
           continue;
         }
         for (int64_t r = 0; r < s.R; ++r) {
