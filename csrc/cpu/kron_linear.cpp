@@ -95,49 +95,102 @@ inline void gemm(const Mat<T>& a, const Mat<T>& b, const Mat<T>& c, bool accumul
 }
 
 // ---------------------------------------------------------------------------------------------
-// Mode-1 product: Out[n, i, :] (+)= sum_j A[i, j] * In[n, j, :] for n < nb.
-//   A: [m, k] row-major (lda = k), In: [nb, k, c], Out: [nb, m, c].
-// Three regimes: a short contraction (k small) as vectorised axpys; long rows (c large) as one
-// GEMM per token; otherwise the block is packed to [k, nb*c] so one GEMM serves all tokens.
+// Where the rows of one token's [rows, c] operand live. Rows come in groups of `group_rows`
+// (one group per Kronecker term when R terms are stacked): row q of token n starts at
+//   base + n * tok + (q % group_rows) * ld + (q / group_rows) * c.
+// A single group with ld = c is the plain contiguous [rows, c] layout.
+struct Rows {
+  int64_t group_rows, ld, tok;
+  int64_t groups(int64_t rows) const { return group_rows > 0 ? rows / group_rows : 0; }
+  int64_t offset(int64_t n, int64_t q, int64_t c) const {
+    return n * tok + (q % group_rows) * ld + (q / group_rows) * c;
+  }
+};
+inline Rows contiguous_rows(int64_t rows, int64_t c) { return {std::max<int64_t>(rows, 1), c, rows * c}; }
+
+// dst (+)= sum_j coef[j] * src[j] over c elements, k <= kMaxShortK: the sum stays in registers
+// (four vectors at a time), so dst is read and written once whatever k is.
+constexpr int64_t kMaxShortK = 8;
 template <typename T>
-void mode1(const T* A, int64_t m, int64_t k, const T* in, int64_t nb, int64_t c, T* out,
-           bool accumulate, std::vector<T>& pack_in, std::vector<T>& pack_out) {
+inline void lincomb_row(const T* coef, int64_t k, const T* const* src, int64_t c, T* dst, bool accumulate) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  int64_t p = 0;
+  for (; p + 4 * V <= c; p += 4 * V) {
+    Vec a0 = accumulate ? Vec::loadu(dst + p) : Vec(T(0));
+    Vec a1 = accumulate ? Vec::loadu(dst + p + V) : Vec(T(0));
+    Vec a2 = accumulate ? Vec::loadu(dst + p + 2 * V) : Vec(T(0));
+    Vec a3 = accumulate ? Vec::loadu(dst + p + 3 * V) : Vec(T(0));
+    for (int64_t j = 0; j < k; ++j) {
+      const Vec cj(coef[j]);
+      a0 = at::vec::fmadd(cj, Vec::loadu(src[j] + p), a0);
+      a1 = at::vec::fmadd(cj, Vec::loadu(src[j] + p + V), a1);
+      a2 = at::vec::fmadd(cj, Vec::loadu(src[j] + p + 2 * V), a2);
+      a3 = at::vec::fmadd(cj, Vec::loadu(src[j] + p + 3 * V), a3);
+    }
+    a0.store(dst + p);
+    a1.store(dst + p + V);
+    a2.store(dst + p + 2 * V);
+    a3.store(dst + p + 3 * V);
+  }
+  for (; p + V <= c; p += V) {
+    Vec a = accumulate ? Vec::loadu(dst + p) : Vec(T(0));
+    for (int64_t j = 0; j < k; ++j) a = at::vec::fmadd(Vec(coef[j]), Vec::loadu(src[j] + p), a);
+    a.store(dst + p);
+  }
+  for (; p < c; ++p) {
+    T a = accumulate ? dst[p] : T(0);
+    for (int64_t j = 0; j < k; ++j) a += coef[j] * src[j][p];
+    dst[p] = a;
+  }
+}
+
+// Mode-1 product: Out_n [m, c] (+)= A [m, k] @ In_n [k, c] for n < nb, A row-major (lda = k),
+// In_n and Out_n addressed by `ri` and `ro`. Three regimes: a short contraction as vectorised
+// axpys; long rows (c large) as GEMMs per token (and per row group); otherwise the block is
+// packed to [k, nb*c] so that one GEMM serves all tokens.
+template <typename T>
+void mode1(const T* A, int64_t m, int64_t k, const T* in, Rows ri, int64_t nb, int64_t c, T* out,
+           Rows ro, bool accumulate, std::vector<T>& pack_in, std::vector<T>& pack_out) {
   if (m == 0 || c == 0 || nb == 0) return;
   if (k == 0) {
-    if (!accumulate) std::fill(out, out + nb * m * c, T(0));
+    if (!accumulate)
+      for (int64_t n = 0; n < nb; ++n)
+        for (int64_t i = 0; i < m; ++i) std::fill_n(out + ro.offset(n, i, c), c, T(0));
     return;
   }
-  if (k <= 8 || m <= 2) {
+  if (k <= kMaxShortK) {
+    const T* src[kMaxShortK];
     for (int64_t n = 0; n < nb; ++n) {
-      const T* xin = in + n * k * c;
-      T* yo = out + n * m * c;
-      for (int64_t i = 0; i < m; ++i) {
-        T* row = yo + i * c;
-        if (!accumulate) std::fill(row, row + c, T(0));
-        for (int64_t j = 0; j < k; ++j) axpy<T>(c, A[i * k + j], xin + j * c, row);
-      }
+      for (int64_t j = 0; j < k; ++j) src[j] = in + ri.offset(n, j, c);
+      for (int64_t i = 0; i < m; ++i) lincomb_row<T>(A + i * k, k, src, c, out + ro.offset(n, i, c), accumulate);
     }
     return;
   }
   if (c >= 96) {
-    for (int64_t n = 0; n < nb; ++n) {
-      gemm<T>({const_cast<T*>(A), m, k, k}, {const_cast<T*>(in + n * k * c), k, c, c},
-              {out + n * m * c, m, c, c}, accumulate);
-    }
+    const int64_t gi = ri.groups(k), go = ro.groups(m);
+    for (int64_t n = 0; n < nb; ++n)
+      for (int64_t o = 0; o < go; ++o)
+        for (int64_t g = 0; g < gi; ++g) {
+          const T* a = A + o * ro.group_rows * k + g * ri.group_rows;
+          gemm<T>({const_cast<T*>(a), ro.group_rows, ri.group_rows, k},
+                  {const_cast<T*>(in + ri.offset(n, g * ri.group_rows, c)), ri.group_rows, c, ri.ld},
+                  {out + ro.offset(n, o * ro.group_rows, c), ro.group_rows, c, ro.ld},
+                  accumulate || g > 0);
+        }
     return;
   }
   const int64_t w = nb * c;
   pack_in.resize(k * w);
   pack_out.resize(m * w);
   for (int64_t n = 0; n < nb; ++n)
-    for (int64_t j = 0; j < k; ++j)
-      std::copy_n(in + (n * k + j) * c, c, pack_in.data() + j * w + n * c);
+    for (int64_t j = 0; j < k; ++j) std::copy_n(in + ri.offset(n, j, c), c, pack_in.data() + j * w + n * c);
   gemm<T>({const_cast<T*>(A), m, k, k}, {pack_in.data(), k, w, w}, {pack_out.data(), m, w, w},
           false);
   for (int64_t n = 0; n < nb; ++n)
     for (int64_t i = 0; i < m; ++i) {
       const T* src = pack_out.data() + i * w + n * c;
-      T* dst = out + (n * m + i) * c;
+      T* dst = out + ro.offset(n, i, c);
       if (accumulate) {
         at::vec::map2<T>([](auto a, auto b) { return a + b; }, dst, dst, src, c);
       } else {
@@ -188,10 +241,12 @@ void contract_tokens(const T* P, int64_t a, const T* Q, int64_t b, int64_t nb, i
 }
 
 // Tokens per block: enough rows for efficient inner GEMMs, few enough that the block's input,
-// intermediate and output stay near L2.
+// intermediate and output stay near L2 (2^18 elements: 1 MB of fp32, a Zen4 core's L2).
+inline bool b_first(const KronShape& s);
 inline int64_t block_tokens(const KronShape& s, int64_t N) {
-  const int64_t per_token = s.n1 * s.n2 + s.m1 * s.m2 + std::max(s.n1 * s.m2, s.m1 * s.n2);
-  int64_t nb = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(per_token, 1));
+  const int64_t mid = s.R * (b_first(s) ? s.n1 * s.m2 : s.m1 * s.n2);
+  const int64_t per_token = s.n1 * s.n2 + s.m1 * s.m2 + mid;
+  int64_t nb = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(per_token, 1));
   const int64_t min_rows = std::min(s.n1, s.m1) > 0 ? (128 + std::min(s.n1, s.m1) - 1) / std::min(s.n1, s.m1) : 1;
   nb = std::max(nb, std::min<int64_t>(min_rows, 256));
   return std::min(nb, std::max<int64_t>(N, 1));
@@ -271,16 +326,18 @@ void forward_block_small_b(const T* xb, const T* A, const T* B, const T* bias, T
   }
 }
 
+// Acat[i1, r*n1 + j1] = A[r, i1, j1] and Bp[i2, r*n2 + j2] = B[r, i2, j2]: the R terms side by
+// side, so that the contraction over terms joins the GEMM's inner dimension.
 template <typename T>
-void forward_impl(const T* x, const T* A, const T* B, const T* bias, T* y, int64_t N,
-                  const KronShape& s) {
+void forward_impl(const T* x, const T* A, const T* B, const T* Acat, const T* Bp, const T* bias,
+                  T* y, int64_t N, const KronShape& s) {
   const int64_t in = s.in_features(), out = s.out_features();
   const int64_t nb = block_tokens(s, N);
   const int64_t nblocks = (N + nb - 1) / nb;
   const bool bfirst = b_first(s);
   const bool transposed = small_b(s);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> mid(nb * std::max(s.n1 * s.m2, s.m1 * s.n2)), pin, pout;
+    std::vector<T> mid(nb * s.R * (bfirst ? s.n1 * s.m2 : s.m1 * s.n2)), pin, pout;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * nb, cnt = std::min(nb, N - t0);
       const T* xb = x + t0 * in;
@@ -289,17 +346,16 @@ void forward_impl(const T* x, const T* A, const T* B, const T* bias, T* y, int64
         forward_block_small_b<T>(xb, A, B, bias, yb, cnt, s, bfirst, pin, pout, mid);
         continue;
       }
-      for (int64_t r = 0; r < s.R; ++r) {
-        const T* Ar = A + r * s.m1 * s.n1;
-        const T* Br = B + r * s.m2 * s.n2;
-        const bool acc = r > 0;
-        if (bfirst) {
-          mode2<T>(Br, s.m2, s.n2, xb, cnt * s.n1, mid.data(), false);       // [cnt, n1, m2]
-          mode1<T>(Ar, s.m1, s.n1, mid.data(), cnt, s.m2, yb, acc, pin, pout);  // [cnt, m1, m2]
-        } else {
-          mode1<T>(Ar, s.m1, s.n1, xb, cnt, s.n2, mid.data(), false, pin, pout);  // [cnt, m1, n2]
-          mode2<T>(Br, s.m2, s.n2, mid.data(), cnt * s.m1, yb, acc);
-        }
+      // All R terms at once: B first stacks the terms along mid's columns and contracts them
+      // with Acat [m1, R*n1]; A first stacks them along U's rows and contracts with Bp [m2, R*n2].
+      if (bfirst) {
+        mode2<T>(B, s.R * s.m2, s.n2, xb, cnt * s.n1, mid.data(), false);  // [cnt, n1, R*m2]
+        mode1<T>(Acat, s.m1, s.R * s.n1, mid.data(), {s.n1, s.R * s.m2, s.n1 * s.R * s.m2}, cnt,
+                 s.m2, yb, contiguous_rows(s.m1, s.m2), false, pin, pout);
+      } else {
+        mode1<T>(A, s.R * s.m1, s.n1, xb, contiguous_rows(s.n1, s.n2), cnt, s.n2, mid.data(),
+                 {s.m1, s.R * s.n2, s.m1 * s.R * s.n2}, false, pin, pout);  // [cnt, m1, R*n2]
+        mode2<T>(Bp, s.m2, s.R * s.n2, mid.data(), cnt * s.m1, yb, false);
       }
       if (s.R == 0) std::fill(yb, yb + cnt * out, T(0));
       if (bias != nullptr) {
@@ -418,11 +474,13 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
           if (need_b) {
             T* dBr = pb + r * s.m2 * s.n2;
             if (b_via_u) {
-              mode1<T>(Ar, s.m1, s.n1, xb, cnt, s.n2, mid.data(), false, p1, p2);  // U: [cnt, m1, n2]
+              mode1<T>(Ar, s.m1, s.n1, xb, contiguous_rows(s.n1, s.n2), cnt, s.n2, mid.data(),
+                       contiguous_rows(s.m1, s.n2), false, p1, p2);  // U: [cnt, m1, n2]
               gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2, /*trans=*/true},
                       {mid.data(), cnt * s.m1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
             } else {
-              mode1<T>(Atr, s.n1, s.m1, gb, cnt, s.m2, mid.data(), false, p1, p2);  // V: [cnt, n1, m2]
+              mode1<T>(Atr, s.n1, s.m1, gb, contiguous_rows(s.m1, s.m2), cnt, s.m2, mid.data(),
+                       contiguous_rows(s.n1, s.m2), false, p1, p2);  // V: [cnt, n1, m2]
               gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2, /*trans=*/true},
                       {const_cast<T*>(xb), cnt * s.n1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
             }
@@ -471,8 +529,11 @@ at::Tensor kron_linear_cpu(const at::Tensor& x, const at::Tensor& A, const at::T
                                         : (x.dim() > 1 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : 1);
   at::Tensor y = at::empty(out_shape(x, s.out_features()), x.options());
   if (N == 0 || s.out_features() == 0) return y;
+  const at::Tensor Acat = Ac.permute({1, 0, 2}).reshape({s.m1, s.R * s.n1}).contiguous();
+  const at::Tensor Bp = Bc.permute({1, 0, 2}).reshape({s.m2, s.R * s.n2}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_linear_cpu", [&] {
     forward_impl<scalar_t>(xc.data_ptr<scalar_t>(), Ac.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(),
+                           Acat.data_ptr<scalar_t>(), Bp.data_ptr<scalar_t>(),
                            has_bias ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, s);
   });
   return y;
