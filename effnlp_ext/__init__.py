@@ -1,24 +1,23 @@
 """effnlp_ext: efficient-NLP methods for BERT-family models, with fused C++/CUDA torch ops.
 
 Importing the package loads the compiled op library (``effnlp_ext._C``), which registers the
-``torch.ops.effnlp`` namespace, then the fake kernels and autograd formulas of ``_ops``.
+``torch.ops.effnlp`` namespace, then the fake kernels and autograd formulas of ``_ops``, then
+the method slices that build on the ops.
 """
 from __future__ import annotations
 
-import torch  # noqa: F401  (must be imported before the extension)
+import torch
 
 from . import _C  # noqa: F401  registers torch.ops.effnlp.*
 from . import _ops
 from ._ops import kron_linear
+from . import kronecker
+from .kronecker import KronEmbedding, KronLinear
 
-__all__ = ["kron_linear", "has_cuda_kernels"]
+__all__ = ["kron_linear", "kronecker", "KronLinear", "KronEmbedding", "has_cuda_kernels"]
 __version__ = "0.1.0"
 
 
 def has_cuda_kernels() -> bool:
     """Whether this build registered CUDA kernels for the effnlp ops."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("effnlp::kron_linear", "CUDA")
-
-
-from . import kronecker  # noqa: E402  (method slice; needs the ops registered above)
-from .kronecker import KronEmbedding, KronLinear  # noqa: E402
