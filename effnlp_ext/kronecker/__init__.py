@@ -6,12 +6,14 @@ and saves/loads the result, ``report`` measures what compression does to the off
 """
 from .convert import (DEFAULT_TARGETS, compress, compression_report, load_compressed,
                       save_compressed)
-from .decompose import (FactorCandidate, choose_factor_shapes, kron_factor_shapes, kron_params,
-                        kroneckerbert_shapes, nearest_kronecker)
+from .decompose import (DEFAULT_MIN_SPEEDUP, FactorCandidate, choose_factor_shapes,
+                        kron_factor_shapes, kron_flops, kron_params, kroneckerbert_shapes,
+                        nearest_kronecker)
 from .modules import KronEmbedding, KronLinear
 
 __all__ = [
-    "DEFAULT_TARGETS", "FactorCandidate", "KronEmbedding", "KronLinear", "choose_factor_shapes",
-    "compress", "compression_report", "kron_factor_shapes", "kron_params",
-    "kroneckerbert_shapes", "load_compressed", "nearest_kronecker", "save_compressed",
+    "DEFAULT_MIN_SPEEDUP", "DEFAULT_TARGETS", "FactorCandidate", "KronEmbedding", "KronLinear",
+    "choose_factor_shapes", "compress", "compression_report", "kron_factor_shapes", "kron_flops",
+    "kron_params", "kroneckerbert_shapes", "load_compressed", "nearest_kronecker",
+    "save_compressed",
 ]

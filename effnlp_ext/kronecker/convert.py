@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .decompose import kroneckerbert_shapes
+from .decompose import DEFAULT_MIN_SPEEDUP, kron_flops, kroneckerbert_shapes
 from .modules import KronEmbedding, KronLinear
 
 __all__ = ["DEFAULT_TARGETS", "compress", "compression_report", "save_compressed",
@@ -54,7 +54,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def compress(model: nn.Module, cf: float | None = None, targets=DEFAULT_TARGETS,
              compress_embeddings: bool = False, rank: int | None = None,
              max_rank: int | None = 8, preset: str | None = None, embedding_n: int = 2,
-             embedding_rank: int = 1) -> nn.Module:
+             embedding_rank: int = 1, min_speedup: float | None = DEFAULT_MIN_SPEEDUP
+             ) -> nn.Module:
     """Replace the targeted encoder linears of an HF BERT-family model by ``KronLinear``, in place.
 
     Args:
@@ -68,6 +69,14 @@ def compress(model: nn.Module, cf: float | None = None, targets=DEFAULT_TARGETS,
             output embedding is tied to it (a factored table cannot be shared with a decoder).
         rank: fix the number of Kronecker terms (default: searched, up to ``max_rank``).
         max_rank: highest rank the search may pick.
+        min_speedup: the search keeps only factorisations whose FLOPs per token are at least
+            this many times fewer than the dense layer's (``FactorCandidate.flops_ratio``), so
+            that the compressed model is faster as well as smaller. The default,
+            ``DEFAULT_MIN_SPEEDUP``, is the floor at which MiniLM's searched layers measured
+            faster than dense on CPU; None searches for the least error at ``cf`` whatever the
+            cost (rank 7-8 sums, often slower than the dense model). A layer with no
+            factorisation that meets both ``cf`` and ``min_speedup`` raises ``ValueError``.
+            Not used with ``preset``.
         preset: ``"kroneckerbert"`` uses the paper's fixed shapes (``kroneckerbert_shapes``) at
             ``rank`` (default 1) instead of a search; give either ``cf`` or ``preset``.
     Returns:
@@ -90,7 +99,11 @@ def compress(model: nn.Module, cf: float | None = None, targets=DEFAULT_TARGETS,
             shapes = kroneckerbert_shapes(linear.out_features, linear.in_features)
             new = KronLinear.from_linear(linear, shapes=shapes, rank=rank or 1)
         else:
-            new = KronLinear.from_linear(linear, cf=cf, rank=rank, max_rank=max_rank)
+            try:
+                new = KronLinear.from_linear(linear, cf=cf, rank=rank, max_rank=max_rank,
+                                             min_speedup=min_speedup)
+            except ValueError as err:
+                raise ValueError(f"compress: layer {name}: {err}") from err
         _set_module(model, name, new)
     if compress_embeddings:
         emb = model.get_input_embeddings()
@@ -123,11 +136,14 @@ def compression_report(model: nn.Module) -> dict:
     loaded by ``load_compressed`` too. Keys: ``params_total`` (now) and
     ``params_total_dense`` (with every factored layer dense again), ``params_layers`` /
     ``params_layers_dense`` (factored layers' weights, biases excluded), ``cf_layers`` and
-    ``cf_model`` (the two ratios), and ``layers``: one dict per factored layer with its
-    meta, ``params``, ``dense_params``, ``cf``, ``rel_error`` and, when a shape search ran,
-    ``chosen`` and ``candidates`` (see ``FactorCandidate``).
+    ``cf_model`` (the two ratios), ``flops_layers`` / ``flops_layers_dense`` (FLOPs per token
+    of the factored linears and of the same linears dense; ``kron_flops``) and their ratio
+    ``flops_ratio_layers``, and ``layers``: one dict per factored layer with its meta,
+    ``params``, ``dense_params``, ``cf``, ``rel_error``, for linears ``flops``, ``dense_flops``
+    and ``flops_ratio``, and, when a shape search ran, ``chosen`` and ``candidates`` (see
+    ``FactorCandidate``). Embeddings are lookups and count no FLOPs.
     """
-    layers, kron, dense = [], 0, 0
+    layers, kron, dense, flops, flops_dense = [], 0, 0, 0, 0
     for name, module in model.named_modules():
         meta = _layer_meta(module)
         if meta is None:
@@ -139,6 +155,11 @@ def compression_report(model: nn.Module) -> dict:
             n_dense = module.num_embeddings * module.embedding_dim
         entry = {"name": name, **meta, "params": n_kron, "dense_params": n_dense,
                  "cf": n_dense / n_kron, "rel_error": module.rel_error}
+        if isinstance(module, KronLinear):
+            f_kron = kron_flops(module.shapes, module.rank)
+            f_dense = 2 * n_dense
+            entry.update(flops=f_kron, dense_flops=f_dense, flops_ratio=f_dense / f_kron)
+            flops, flops_dense = flops + f_kron, flops_dense + f_dense
         if getattr(module, "candidates", None):
             entry["chosen"] = module.choice.as_dict()
             entry["candidates"] = [c.as_dict() for c in module.candidates]
@@ -149,7 +170,9 @@ def compression_report(model: nn.Module) -> dict:
     return {"params_total": total, "params_total_dense": total_dense,
             "params_layers": kron, "params_layers_dense": dense,
             "cf_layers": dense / kron if kron else 1.0,
-            "cf_model": total_dense / total, "layers": layers}
+            "cf_model": total_dense / total, "flops_layers": flops,
+            "flops_layers_dense": flops_dense,
+            "flops_ratio_layers": flops_dense / flops if flops else 1.0, "layers": layers}
 
 
 def save_compressed(model: nn.Module, path: str | Path) -> None:

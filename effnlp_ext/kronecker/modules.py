@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .._ops import kron_linear
-from .decompose import FactorCandidate, choose_factor_shapes, kron_params, nearest_kronecker
+from .decompose import (DEFAULT_MIN_SPEEDUP, FactorCandidate, choose_factor_shapes, kron_flops,
+                        kron_params, nearest_kronecker)
 
 __all__ = ["KronLinear", "KronEmbedding"]
 
@@ -74,20 +75,25 @@ class KronLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cf: float | None = None, rank: int | None = None,
-                    shapes: tuple[int, int, int, int] | None = None, max_rank: int | None = 8
-                    ) -> "KronLinear":
+                    shapes: tuple[int, int, int, int] | None = None, max_rank: int | None = 8,
+                    min_speedup: float | None = DEFAULT_MIN_SPEEDUP) -> "KronLinear":
         """The nearest Kronecker sum to ``linear``'s weight (bias copied).
 
         Give ``shapes`` to fix the factor sizes (``rank`` defaults to 1), or ``cf`` to search the
         shapes (and the rank, unless given) with ``choose_factor_shapes``; the search result is
-        kept in ``.choice`` and ``.candidates``.
+        kept in ``.choice`` and ``.candidates``. The search only considers layers whose FLOPs
+        per token are at least ``min_speedup`` times fewer than ``linear``'s (default
+        ``DEFAULT_MIN_SPEEDUP``, so that the layer is faster as well as smaller; None: the
+        least-error shapes whatever their cost). ``min_speedup`` does not apply to fixed
+        ``shapes``.
         """
         W = linear.weight.detach()
         candidates = choice = None
         if shapes is None:
             if cf is None:
                 raise ValueError("KronLinear.from_linear: give either shapes or cf")
-            choice, candidates = choose_factor_shapes(W, cf, max_rank=max_rank, rank=rank)
+            choice, candidates = choose_factor_shapes(W, cf, max_rank=max_rank, rank=rank,
+                                                      min_speedup=min_speedup)
             shapes, rank = choice.shapes, choice.rank
         rank = rank or 1
         A, B, err = nearest_kronecker(W, *shapes, rank=rank)
@@ -111,6 +117,16 @@ class KronLinear(nn.Module):
         """Dense weight parameters over Kronecker factor parameters (bias excluded)."""
         return self.in_features * self.out_features / kron_params(self.shapes, self.rank)
 
+    @property
+    def flops_per_token(self) -> int:
+        """FLOPs of the Kronecker product per input row (bias excluded), see ``kron_flops``."""
+        return kron_flops(self.shapes, self.rank)
+
+    @property
+    def flops_ratio(self) -> float:
+        """The dense layer's FLOPs per token over this layer's (> 1: fewer FLOPs than dense)."""
+        return 2 * self.in_features * self.out_features / self.flops_per_token
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kron_linear(x, self.A, self.B, self.bias)
 
@@ -118,7 +134,8 @@ class KronLinear(nn.Module):
         m1, n1, m2, n2 = self.shapes
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"A={self.rank}x{m1}x{n1}, B={self.rank}x{m2}x{n2}, "
-                f"cf={self.compression_factor:.2f}, bias={self.bias is not None}")
+                f"cf={self.compression_factor:.2f}, flops_ratio={self.flops_ratio:.2f}, "
+                f"bias={self.bias is not None}")
 
 
 class KronEmbedding(nn.Module):

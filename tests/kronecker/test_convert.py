@@ -6,8 +6,9 @@ import torch
 import transformers
 from torch import nn
 
-from effnlp_ext.kronecker import (KronEmbedding, KronLinear, compress, compression_report,
-                                  load_compressed, save_compressed)
+from effnlp_ext.kronecker import (DEFAULT_MIN_SPEEDUP, KronEmbedding, KronLinear, compress,
+                                  compression_report, kron_flops, load_compressed,
+                                  save_compressed)
 from effnlp_ext.kronecker.convert import _matches
 from effnlp_ext.kronecker.report import resolve_data_dir
 
@@ -38,12 +39,33 @@ def test_compress_keeps_signature_and_shapes(tiny_config, tiny_batch):
     assert report["params_total_dense"] == before
     assert report["params_total"] < before and report["cf_layers"] >= 2
     assert all(e["cf"] >= 2 and "candidates" in e for e in report["layers"])
+    # faster as well as smaller: every searched layer meets the default FLOPs floor
+    assert all(e["flops_ratio"] >= DEFAULT_MIN_SPEEDUP for e in report["layers"])
+    assert all(c["flops_ratio"] >= DEFAULT_MIN_SPEEDUP
+               for e in report["layers"] for c in e["candidates"])
+    assert report["flops_layers"] == sum(kron_flops(e["shapes"], e["rank"])
+                                         for e in report["layers"])
+    assert report["flops_layers_dense"] == 2 * 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert report["flops_ratio_layers"] == report["flops_layers_dense"] / report["flops_layers"]
+
+
+def test_compress_flops_floor_is_a_keyword(tiny_config):
+    fast = compress(_classifier(tiny_config), cf=2, min_speedup=4).kron_report
+    assert min(e["flops_ratio"] for e in fast["layers"]) >= 4
+    with pytest.raises(ValueError, match=r"layer bert\.encoder\.layer\.0\..*min_speedup"):
+        compress(_classifier(tiny_config), cf=2, min_speedup=1e4)
+    preset = compress(_classifier(tiny_config), preset="kroneckerbert", min_speedup=1e4)
+    assert all("flops_ratio" in e for e in preset.kron_report["layers"])
 
 
 def test_lossless_setting_matches_original(tiny_config, tiny_batch):
     model = _classifier(tiny_config)
     ref = model(**tiny_batch).logits
-    compress(model, cf=0.5, max_rank=None)
+    # an exact (full-rank) Kronecker sum costs more FLOPs than the dense layer, so the default
+    # floor on the FLOPs ratio must be lifted to ask for it
+    with pytest.raises(ValueError, match="min_speedup"):
+        compress(_classifier(tiny_config), cf=0.5, max_rank=None, rank=32)
+    compress(model, cf=0.5, max_rank=None, min_speedup=None)
     assert max(e["rel_error"] for e in model.kron_report["layers"]) < 1e-5
     torch.testing.assert_close(model(**tiny_batch).logits, ref, rtol=1e-4, atol=1e-4)
 

@@ -4,8 +4,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from effnlp_ext.kronecker import (choose_factor_shapes, kron_factor_shapes, kron_params,
-                                  kroneckerbert_shapes, nearest_kronecker)
+from torch.utils.flop_counter import FlopCounterMode
+
+from effnlp_ext.kronecker import (choose_factor_shapes, kron_factor_shapes, kron_flops,
+                                  kron_params, kroneckerbert_shapes, nearest_kronecker)
 from effnlp_ext.reference import kron_weight
 
 
@@ -108,6 +110,59 @@ def test_shape_search_options_and_errors():
         choose_factor_shapes(W, cf=1e5)
     with pytest.raises(ValueError, match="cf must be positive"):
         choose_factor_shapes(W, cf=0)
+
+
+def test_flops_ratio_against_a_hand_count():
+    # A 4x3, B 5x2, 2 terms; a token is X [3, 2] and each term computes A X B^T.
+    #   A first: A X is 4*2 outputs of 3 MACs (24), then (A X) B^T 4*5 outputs of 2 MACs (40);
+    #   B first: X B^T is 3*5 outputs of 2 MACs (30), then A (X B^T) 4*5 outputs of 3 (60).
+    # The cheaper order, 64 MACs = 128 FLOPs per term, 256 for two; dense: 2 * 20 * 6 = 240.
+    shapes = (4, 3, 5, 2)
+    assert kron_flops(shapes, 2) == 256
+    W = torch.randn(20, 6, dtype=torch.float64)
+    _, candidates = choose_factor_shapes(W, cf=1, max_rank=None)
+    (cand,) = [c for c in candidates if c.shapes == shapes and c.rank == 2]
+    assert cand.flops_ratio == pytest.approx(240 / 256)
+    assert cand.as_dict()["flops_ratio"] == cand.flops_ratio
+    # the same count from torch's FLOP counter on the A-first composition, per token
+    A, B = torch.randn(2, 4, 3), torch.randn(2, 5, 2)
+    X = torch.randn(7, 3, 2)
+    with FlopCounterMode(display=False) as counter:
+        Y = torch.einsum("tril,rjl->tij", torch.einsum("rik,tkl->tril", A, X), B)
+    assert counter.get_total_flops() == 7 * kron_flops(shapes, 2)
+    torch.testing.assert_close(Y.reshape(7, 20), X.reshape(7, 6) @ kron_weight(A, B).T)
+
+
+@pytest.mark.parametrize("cf", [1.5, 2, 4])
+def test_min_speedup_excludes_slow_candidates(cf):
+    W = torch.randn(64, 48)
+    free, all_candidates = choose_factor_shapes(W, cf)
+    assert free.flops_ratio < 2  # the least-error pick alone needs about as many FLOPs as dense
+    choice, candidates = choose_factor_shapes(W, cf, min_speedup=2)
+    assert choice.flops_ratio >= 2 and choice.cf >= cf and choice in candidates
+    assert all(c.flops_ratio >= 2 for c in candidates)
+    assert choice.rel_error == min(c.rel_error for c in candidates)
+    assert choice.rel_error >= free.rel_error
+    assert choice.flops_ratio == pytest.approx(
+        2 * W.numel() / kron_flops(choice.shapes, choice.rank))
+    # None is the unconstrained search
+    assert choose_factor_shapes(W, cf, min_speedup=None)[0] == free
+
+
+def test_min_speedup_unreachable_names_the_best_ratio():
+    W = torch.randn(64, 48)
+    _, candidates = choose_factor_shapes(W, cf=2)  # every shape of this W is decomposed
+    best = max(c.flops_ratio for c in candidates)
+    with pytest.raises(ValueError, match=rf"min_speedup = 1000.0; the best flops_ratio "
+                                         rf"available at that cf is {best:.3g}"):
+        choose_factor_shapes(W, cf=2, min_speedup=1e3)
+    # the floor is inclusive: at exactly the best ratio only the fastest candidates remain
+    choice, kept = choose_factor_shapes(W, cf=2, min_speedup=best)
+    assert choice.flops_ratio == best and all(c.flops_ratio == best for c in kept)
+    with pytest.raises(ValueError, match="at rank 8 with flops_ratio"):
+        choose_factor_shapes(W, cf=2, rank=8, min_speedup=best)
+    with pytest.raises(ValueError, match="min_speedup must be positive"):
+        choose_factor_shapes(W, cf=2, min_speedup=0)
 
 
 def test_kroneckerbert_presets():

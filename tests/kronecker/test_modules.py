@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from effnlp_ext.kronecker import KronEmbedding, KronLinear
+from effnlp_ext.kronecker import DEFAULT_MIN_SPEEDUP, KronEmbedding, KronLinear, kron_flops
 from effnlp_ext.reference import kron_weight
 
 
@@ -25,6 +25,23 @@ def test_from_linear_equals_linear_when_exact():
     assert searched.rel_error < 1e-5 and searched.compression_factor >= 4
     assert searched.choice in searched.candidates
     torch.testing.assert_close(searched(x), lin(x), rtol=1e-4, atol=1e-4)
+
+
+def test_from_linear_meets_the_flops_floor():
+    lin = nn.Linear(48, 64)
+    kl = KronLinear.from_linear(lin, cf=2)
+    assert kl.flops_ratio >= DEFAULT_MIN_SPEEDUP and kl.compression_factor >= 2
+    assert all(c.flops_ratio >= DEFAULT_MIN_SPEEDUP for c in kl.candidates)
+    assert kl.flops_per_token == kron_flops(kl.shapes, kl.rank)
+    assert kl.flops_ratio == pytest.approx(2 * 48 * 64 / kl.flops_per_token)
+    free = KronLinear.from_linear(lin, cf=2, min_speedup=None)
+    assert free.flops_ratio < DEFAULT_MIN_SPEEDUP <= kl.flops_ratio
+    assert free.rel_error <= kl.rel_error
+    with pytest.raises(ValueError, match="best flops_ratio available"):
+        KronLinear.from_linear(lin, cf=2, min_speedup=1e3)
+    # fixed shapes are taken as given, whatever their FLOPs
+    slow = KronLinear.from_linear(lin, shapes=(8, 6, 8, 8), rank=8)
+    assert slow.flops_ratio < 1 and "flops_ratio=" in repr(slow)
 
 
 def test_from_linear_needs_cf_or_shapes():
