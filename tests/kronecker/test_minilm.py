@@ -26,4 +26,10 @@ def test_minilm_compression_report():
     assert 0 < row["rel_error_mean"] < 1
     assert row["cosine_mean"] > 0.5
     assert report["n_sentences"] == 64
-    assert "| cf=2 |" in format_report(report)
+    # speed beside size: by default every searched layer needs >= 2x fewer FLOPs than dense
+    assert report["min_speedup"] == 2
+    assert row["flops_ratio"] >= 2
+    assert row["flops_layers"] * row["flops_ratio"] == pytest.approx(
+        original["flops_layers"]) == 6 * 2 * 2 * 384 * 384
+    text = format_report(report)
+    assert "| cf=2 |" in text and "MFLOP/token linears" in text and "FLOPs ratio >= 2" in text
