@@ -56,7 +56,7 @@ def demo(args) -> int:
     print("## MiniLM-L6 (offline all-MiniLM-L6-v2) compressed with Kronecker factors, no training\n")
     kwargs = {"data_dir": args.data_dir}
     if args.cf:
-        kwargs["cfs"] = tuple(args.cf)
+        kwargs["cf"] = tuple(args.cf)
     report = minilm_compression_report(**kwargs)
     print(format_report(report))
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
