@@ -421,10 +421,20 @@ void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B
   }
 }
 
-// Accumulates dA [R, m1, n1] and dB [R, m2, n2] over tokens.
+// Whether the backward computes dX in the same pass as dA/dB (see factor_grads_impl).
+inline bool fuse_grad_x(const KronShape& s) { return !small_b(s); }
+
+// Accumulates dA [R, m1, n1] and dB [R, m2, n2] over tokens and, when gx is given (natural
+// layout only), writes dX in the same pass so that the large product is shared as in the
+// forward's order:
+//   A first (Y = (A X) B^T):  G = dY B       ->  dX = A^T G,   dA += sum_n G_n X_n^T,  dB += dY^T (A X)
+//   B first (Y = A (X B^T)):  V = A^T dY     ->  dX = V B,     dB += V^T X,            dA += sum_n dY_n (X B^T)_n^T
+// i.e. two large GEMMs plus cheap mode-1 products for the A-first order (the same work as the
+// autograd of the torch composition) and three for the B-first order, where the composition
+// instead keeps X B^T alive from the forward.
 template <typename T>
 void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T* B, T* dA, T* dB,
-                       int64_t N, const KronShape& s, bool need_a, bool need_b) {
+                       T* gx, int64_t N, const KronShape& s, bool need_a, bool need_b) {
   const int64_t in = s.in_features(), out = s.out_features();
   // The contractions over tokens are GEMMs whose inner dimension is the sub-block's rows:
   // sub-blocks here are as large as a ~4 MB intermediate allows, so those GEMMs are long and
@@ -440,8 +450,9 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
   const bool b_via_u = s.m1 * s.n1 * s.n2 + s.m1 * s.m2 * s.n2 <= s.n1 * s.m1 * s.m2 + s.n1 * s.m2 * s.n2;
   const int64_t mid_size = nb * std::max(s.m1 * s.n2, s.n1 * s.m2);
   const bool transposed = small_b(s);
+  const bool bfirst = b_first(s);
   at::parallel_for(0, nslots, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<T> mid(mid_size), p1, p2;
+    std::vector<T> mid(mid_size), mid2(gx != nullptr ? mid_size : 0), p1, p2;
     for (int64_t slot = s0; slot < s1; ++slot) {
       T* pa = partial.data() + slot * (sa + sb);
       T* pb = pa + sa;
@@ -452,6 +463,43 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
         const T* gb = gy + t0 * out;
         if (transposed) {
           factor_grads_block_small_b<T>(gb, xb, A, B, pa, pb, cnt, s, need_a, need_b, mid, p1, p2);
+          continue;
+        }
+        if (gx != nullptr) {
+          T* gxb = gx + t0 * in;
+          for (int64_t r = 0; r < s.R; ++r) {
+            const T* Ar = A + r * s.m1 * s.n1;
+            const T* Atr = At + r * s.m1 * s.n1;
+            const T* Br = B + r * s.m2 * s.n2;
+            T* dAr = pa + r * s.m1 * s.n1;
+            T* dBr = pb + r * s.m2 * s.n2;
+            if (!bfirst) {
+              gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2}, {const_cast<T*>(Br), s.m2, s.n2, s.n2},
+                      {mid.data(), cnt * s.m1, s.n2, s.n2}, false);  // G: [cnt, m1, n2]
+              mode1<T>(Atr, s.n1, s.m1, mid.data(), contiguous_rows(s.m1, s.n2), cnt, s.n2, gxb,
+                       contiguous_rows(s.n1, s.n2), r > 0, p1, p2);
+              if (need_a) contract_tokens<T>(mid.data(), s.m1, xb, s.n1, cnt, s.n2, dAr, p1, p2);
+              if (need_b) {
+                mode1<T>(Ar, s.m1, s.n1, xb, contiguous_rows(s.n1, s.n2), cnt, s.n2, mid2.data(),
+                         contiguous_rows(s.m1, s.n2), false, p1, p2);  // U: [cnt, m1, n2]
+                gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2, /*trans=*/true},
+                        {mid2.data(), cnt * s.m1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
+              }
+            } else {
+              mode1<T>(Atr, s.n1, s.m1, gb, contiguous_rows(s.m1, s.m2), cnt, s.m2, mid.data(),
+                       contiguous_rows(s.n1, s.m2), false, p1, p2);  // V: [cnt, n1, m2]
+              gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2}, {const_cast<T*>(Br), s.m2, s.n2, s.n2},
+                      {gxb, cnt * s.n1, s.n2, s.n2}, r > 0);
+              if (need_b)
+                gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2, /*trans=*/true},
+                        {const_cast<T*>(xb), cnt * s.n1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
+              if (need_a) {
+                mode2<T>(Br, s.m2, s.n2, xb, cnt * s.n1, mid2.data(), false);  // X B^T: [cnt, n1, m2]
+                contract_tokens<T>(gb, s.m1, mid2.data(), s.n1, cnt, s.m2, dAr, p1, p2);
+              }
+            }
+          }
+          if (s.R == 0) std::fill(gxb, gxb + cnt * in, T(0));
           continue;
         }
         for (int64_t r = 0; r < s.R; ++r) {
@@ -558,7 +606,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor gx = empty(), gA = empty(), gB = empty(), gbias = empty();
   const at::Tensor g2 = grad_y.contiguous();
-  if (mask[0]) {
+  const bool fused_x = mask[0] && (mask[1] || mask[2]) && fuse_grad_x(s);
+  if (mask[0] && !fused_x) {
     gx = kron_linear_cpu(g2, A.transpose(1, 2), B.transpose(1, 2), std::nullopt);
   }
   if (mask[3]) {
@@ -571,15 +620,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_
     const int64_t rows = s.out_features() > 0 ? N : (s.in_features() > 0 ? xc.numel() / s.in_features() : 0);
     gA = at::empty(A.sizes(), x.options());
     gB = at::empty(B.sizes(), x.options());
+    if (fused_x) gx = at::empty(x.sizes(), x.options());
     if (rows == 0 || s.in_features() == 0 || s.out_features() == 0) {
       gA.zero_();
       gB.zero_();
+      if (fused_x) gx.zero_();
     } else {
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_linear_backward_cpu", [&] {
         factor_grads_impl<scalar_t>(g2.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
                                     Ac.data_ptr<scalar_t>(), Atc.data_ptr<scalar_t>(),
                                     Bc.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
-                                    gB.data_ptr<scalar_t>(), rows, s, mask[1], mask[2]);
+                                    gB.data_ptr<scalar_t>(), fused_x ? gx.data_ptr<scalar_t>() : nullptr,
+                                    rows, s, mask[1], mask[2]);
       });
     }
     if (!mask[1]) gA = empty();
