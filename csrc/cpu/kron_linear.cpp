@@ -441,7 +441,9 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
   // the [m, n] accumulators are read and written rarely.
   const int64_t mid_per_token = std::max<int64_t>(1, std::max(s.m1 * s.n2, s.n1 * s.m2));
   const int64_t nb = std::max(block_tokens(s, N), std::min<int64_t>(N, (int64_t(1) << 20) / mid_per_token));
-  const int64_t nslots = std::min<int64_t>(16, (N + block_tokens(s, N) - 1) / block_tokens(s, N));
+  // Slots of at least 256 tokens (a partition fixed by N alone, so results do not depend on the
+  // thread count): fewer, longer contractions and fewer [m, n] partials to reduce.
+  const int64_t nslots = std::clamp<int64_t>(N / 256, 1, 16);
   const int64_t sa = s.R * s.m1 * s.n1, sb = s.R * s.m2 * s.n2;
   std::vector<T> partial(nslots * (sa + sb), T(0));
   // dA via G = dY B (cost m1*m2*n2 + m1*n1*n2) or T = X B^T (n1*n2*m2 + m1*n1*m2).
