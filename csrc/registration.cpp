@@ -6,12 +6,18 @@
 TORCH_LIBRARY(effnlp, m) {
   // y = x @ (sum_r kron(A[r], B[r])).T + bias, without materialising the dense weight.
   //   x: [..., n1*n2], A: [R, m1, n1], B: [R, m2, n2], bias: [m1*m2] -> y: [..., m1*m2]
+  // Composite: calls _kron_linear_forward, keeping its intermediate when A or B need grads.
   m.def("kron_linear(Tensor x, Tensor A, Tensor B, Tensor? bias) -> Tensor");
-  // Gradients of kron_linear w.r.t. (x, A, B, bias); entries whose mask is false come back
-  // as empty tensors.
+  // The kernel: y and, when keep_mid, the intermediate of the first Kronecker mode (X B^T or
+  // A X, all terms side by side) that the backward would otherwise recompute; empty when not
+  // kept or when the kernel's layout has none to offer.
+  m.def("_kron_linear_forward(Tensor x, Tensor A, Tensor B, Tensor? bias, bool keep_mid)"
+        " -> (Tensor, Tensor)");
+  // Gradients of kron_linear w.r.t. (x, A, B, bias) given the forward's intermediate (may be
+  // empty); entries whose mask is false come back as empty tensors.
   m.def(
-      "_kron_linear_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, bool[4] output_mask)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "_kron_linear_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor mid,"
+      " bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import effnlp_ext._C` loads this shared library, whose static initialisers register the ops.

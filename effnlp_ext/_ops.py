@@ -35,14 +35,29 @@ def _check_kron(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias, op="kro
     return m_out
 
 
-@torch.library.register_fake("effnlp::kron_linear")
-def _kron_linear_fake(x, A, B, bias):
+def _kron_mid_shape(x, A, B, keep_mid: bool):
+    """Shape of the intermediate ``_kron_linear_forward`` keeps (mirrors csrc/cpu/kron_linear.cpp:
+    the natural layout's X B^T [n1, R*m2] or A X [m1, R*n2] per token, on CPU only)."""
+    R, m1, n1 = A.shape
+    m2, n2 = B.shape[1], B.shape[2]
+    n_tokens = 1
+    for d in x.shape[:-1]:
+        n_tokens = n_tokens * d
+    b_first = n1 * n2 * m2 + m1 * n1 * m2 <= m1 * n1 * n2 + m1 * n2 * m2
+    small_b = min(m2, n2) <= 8 and m2 * n2 <= 512 and m1 >= 8 and n1 >= 8
+    keep = (keep_mid and x.device.type == "cpu" and not small_b and R > 0 and n_tokens > 0
+            and m1 * m2 > 0)
+    return (n_tokens, R * (n1 * m2 if b_first else m1 * n2)) if keep else (0, 0)
+
+
+@torch.library.register_fake("effnlp::_kron_linear_forward")
+def _kron_linear_forward_fake(x, A, B, bias, keep_mid):
     m_out = _check_kron(x, A, B, bias)
-    return x.new_empty((*x.shape[:-1], m_out))
+    return x.new_empty((*x.shape[:-1], m_out)), x.new_empty(_kron_mid_shape(x, A, B, keep_mid))
 
 
 @torch.library.register_fake("effnlp::_kron_linear_backward")
-def _kron_linear_backward_fake(grad_y, x, A, B, output_mask):
+def _kron_linear_backward_fake(grad_y, x, A, B, mid, output_mask):
     m_out = _check_kron(x, A, B, None, op="_kron_linear_backward")
     torch._check(grad_y.shape == (*x.shape[:-1], m_out),
                  lambda: "_kron_linear_backward: grad_y does not have the output's shape")
@@ -52,21 +67,23 @@ def _kron_linear_backward_fake(grad_y, x, A, B, output_mask):
 
 
 def _kron_linear_setup(ctx, inputs, output):
-    x, A, B, bias = inputs
-    ctx.save_for_backward(x, A, B)
+    x, A, B, bias, _ = inputs
+    _, mid = output
+    ctx.save_for_backward(x, A, B, mid)
+    ctx.mark_non_differentiable(mid)
     ctx.has_bias = bias is not None
 
 
-def _kron_linear_backward(ctx, grad_y):
-    x, A, B = ctx.saved_tensors
+def _kron_linear_backward(ctx, grad_y, _grad_mid):
+    x, A, B, mid = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
             ctx.has_bias and ctx.needs_input_grad[3]]
-    gx, gA, gB, gbias = _ops._kron_linear_backward(grad_y, x, A, B, mask)
+    gx, gA, gB, gbias = _ops._kron_linear_backward(grad_y, x, A, B, mid, mask)
     return (gx if mask[0] else None, gA if mask[1] else None, gB if mask[2] else None,
-            gbias if mask[3] else None)
+            gbias if mask[3] else None, None)
 
 
-torch.library.register_autograd("effnlp::kron_linear", _kron_linear_backward,
+torch.library.register_autograd("effnlp::_kron_linear_forward", _kron_linear_backward,
                                 setup_context=_kron_linear_setup)
 
 

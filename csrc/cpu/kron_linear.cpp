@@ -212,22 +212,23 @@ inline void mode2(const T* B, int64_t m2, int64_t n2, const T* in, int64_t rows,
           {out, rows, m2, m2}, accumulate);
 }
 
-// acc[a, b] += sum_{n, t} P[n, a, t] * Q[n, b, t]   (P: [nb, a, c], Q: [nb, b, c])
+// acc[a, b] += sum_{n, t} P[n, a, t] * Q[n, b, t]   (P: [nb, a, c] contiguous; Q's rows
+// addressed by rq, e.g. one term's slice of a stacked intermediate)
 template <typename T>
-void contract_tokens(const T* P, int64_t a, const T* Q, int64_t b, int64_t nb, int64_t c, T* acc,
-                     std::vector<T>& pack_p, std::vector<T>& pack_q) {
+void contract_tokens(const T* P, int64_t a, const T* Q, Rows rq, int64_t b, int64_t nb, int64_t c,
+                     T* acc, std::vector<T>& pack_p, std::vector<T>& pack_q) {
   if (a == 0 || b == 0 || nb == 0 || c == 0) return;
-  if (a * b <= 64 || c >= 96) {
-    if (a * b <= 64) {
-      for (int64_t n = 0; n < nb; ++n)
-        for (int64_t i = 0; i < a; ++i)
-          for (int64_t j = 0; j < b; ++j)
-            acc[i * b + j] += dot<T>(c, P + (n * a + i) * c, Q + (n * b + j) * c);
-    } else {
-      for (int64_t n = 0; n < nb; ++n)
-        gemm<T>({const_cast<T*>(P + n * a * c), a, c, c},
-                {const_cast<T*>(Q + n * b * c), b, c, c, /*trans=*/true}, {acc, a, b, b}, true);
-    }
+  if (a * b <= 64) {
+    for (int64_t n = 0; n < nb; ++n)
+      for (int64_t i = 0; i < a; ++i)
+        for (int64_t j = 0; j < b; ++j)
+          acc[i * b + j] += dot<T>(c, P + (n * a + i) * c, Q + rq.offset(n, j, c));
+    return;
+  }
+  if (c >= 96) {
+    for (int64_t n = 0; n < nb; ++n)
+      gemm<T>({const_cast<T*>(P + n * a * c), a, c, c},
+              {const_cast<T*>(Q + rq.offset(n, 0, c)), b, c, rq.ld, /*trans=*/true}, {acc, a, b, b}, true);
     return;
   }
   const int64_t w = nb * c;
@@ -235,7 +236,7 @@ void contract_tokens(const T* P, int64_t a, const T* Q, int64_t b, int64_t nb, i
   pack_q.resize(b * w);
   for (int64_t n = 0; n < nb; ++n) {
     for (int64_t i = 0; i < a; ++i) std::copy_n(P + (n * a + i) * c, c, pack_p.data() + i * w + n * c);
-    for (int64_t j = 0; j < b; ++j) std::copy_n(Q + (n * b + j) * c, c, pack_q.data() + j * w + n * c);
+    for (int64_t j = 0; j < b; ++j) std::copy_n(Q + rq.offset(n, j, c), c, pack_q.data() + j * w + n * c);
   }
   gemm<T>({pack_p.data(), a, w, w}, {pack_q.data(), b, w, w, /*trans=*/true}, {acc, a, b, b}, true);
 }
@@ -272,6 +273,14 @@ inline bool b_first(const KronShape& s) {
 inline bool small_b(const KronShape& s) {
   return std::min(s.m2, s.n2) <= 8 && s.m2 * s.n2 <= 512 && s.m1 >= 8 && s.n1 >= 8;
 }
+
+// Elements per token of the natural layout's intermediate: X B^T [n1, R*m2] when B goes first,
+// A X [m1, R*n2] otherwise. The forward hands it to the backward when asked to (keep_mid);
+// the transposed layout keeps none.
+inline int64_t mid_numel_per_token(const KronShape& s) {
+  return s.R * (b_first(s) ? s.n1 * s.m2 : s.m1 * s.n2);
+}
+inline bool keeps_mid(const KronShape& s) { return !small_b(s) && s.R > 0; }
 
 // Xd[j2, n, j1] = X[n, j1, j2] for a block of cnt tokens.
 template <typename T>
@@ -330,14 +339,14 @@ void forward_block_small_b(const T* xb, const T* A, const T* B, const T* bias, T
 // side, so that the contraction over terms joins the GEMM's inner dimension.
 template <typename T>
 void forward_impl(const T* x, const T* A, const T* B, const T* Acat, const T* Bp, const T* bias,
-                  T* y, int64_t N, const KronShape& s) {
+                  T* y, T* mid_out, int64_t N, const KronShape& s) {
   const int64_t in = s.in_features(), out = s.out_features();
   const int64_t nb = block_tokens(s, N);
   const int64_t nblocks = (N + nb - 1) / nb;
   const bool bfirst = b_first(s);
   const bool transposed = small_b(s);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> mid(nb * s.R * (bfirst ? s.n1 * s.m2 : s.m1 * s.n2)), pin, pout;
+    std::vector<T> mid(mid_out != nullptr ? 0 : nb * mid_numel_per_token(s)), pin, pout;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * nb, cnt = std::min(nb, N - t0);
       const T* xb = x + t0 * in;
@@ -348,14 +357,16 @@ void forward_impl(const T* x, const T* A, const T* B, const T* Acat, const T* Bp
       }
       // All R terms at once: B first stacks the terms along mid's columns and contracts them
       // with Acat [m1, R*n1]; A first stacks them along U's rows and contracts with Bp [m2, R*n2].
+      // The intermediate goes to the caller's buffer when the backward will reuse it.
+      T* midb = mid_out != nullptr ? mid_out + t0 * mid_numel_per_token(s) : mid.data();
       if (bfirst) {
-        mode2<T>(B, s.R * s.m2, s.n2, xb, cnt * s.n1, mid.data(), false);  // [cnt, n1, R*m2]
-        mode1<T>(Acat, s.m1, s.R * s.n1, mid.data(), {s.n1, s.R * s.m2, s.n1 * s.R * s.m2}, cnt,
+        mode2<T>(B, s.R * s.m2, s.n2, xb, cnt * s.n1, midb, false);  // [cnt, n1, R*m2]
+        mode1<T>(Acat, s.m1, s.R * s.n1, midb, {s.n1, s.R * s.m2, s.n1 * s.R * s.m2}, cnt,
                  s.m2, yb, contiguous_rows(s.m1, s.m2), false, pin, pout);
       } else {
-        mode1<T>(A, s.R * s.m1, s.n1, xb, contiguous_rows(s.n1, s.n2), cnt, s.n2, mid.data(),
+        mode1<T>(A, s.R * s.m1, s.n1, xb, contiguous_rows(s.n1, s.n2), cnt, s.n2, midb,
                  {s.m1, s.R * s.n2, s.m1 * s.R * s.n2}, false, pin, pout);  // [cnt, m1, R*n2]
-        mode2<T>(Bp, s.m2, s.R * s.n2, mid.data(), cnt * s.m1, yb, false);
+        mode2<T>(Bp, s.m2, s.R * s.n2, midb, cnt * s.m1, yb, false);
       }
       if (s.R == 0) std::fill(yb, yb + cnt * out, T(0));
       if (bias != nullptr) {
@@ -421,24 +432,21 @@ void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B
   }
 }
 
-// Whether the backward computes dX in the same pass as dA/dB (see factor_grads_impl).
-inline bool fuse_grad_x(const KronShape& s) { return !small_b(s); }
-
-// Accumulates dA [R, m1, n1] and dB [R, m2, n2] over tokens and, when gx is given (natural
-// layout only), writes dX in the same pass so that the large product is shared as in the
-// forward's order:
-//   A first (Y = (A X) B^T):  G = dY B       ->  dX = A^T G,   dA += sum_n G_n X_n^T,  dB += dY^T (A X)
-//   B first (Y = A (X B^T)):  V = A^T dY     ->  dX = V B,     dB += V^T X,            dA += sum_n dY_n (X B^T)_n^T
-// i.e. two large GEMMs plus cheap mode-1 products for the A-first order (the same work as the
-// autograd of the torch composition) and three for the B-first order, where the composition
-// instead keeps X B^T alive from the forward.
+// Gradients over tokens in one pass. dA [R, m1, n1] and dB [R, m2, n2] are accumulated per
+// slot and reduced in slot order; dX (when gx is given) is written block by block. In the
+// natural layout the large product is shared as in the forward's order:
+//   A first (Y = (A X) B^T):  G = dY B     ->  dX = A^T G,   dA += sum_n G_n X_n^T,   dB += dY^T U
+//   B first (Y = A (X B^T)):  V = A^T dY   ->  dX = V B,     dB += V^T X,             dA += sum_n dY_n T_n^T
+// with U = A X or T = X B^T taken from the forward (mid) when it kept them, else recomputed.
+// With mid, that is two large GEMMs per block, the work of the torch composition's autograd.
+// The transposed layout (small B) has its own block routine; dX then comes from a separate
+// kron_linear with transposed factors.
 template <typename T>
-void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T* B, T* dA, T* dB,
-                       T* gx, int64_t N, const KronShape& s, bool need_a, bool need_b) {
+void grads_impl(const T* gy, const T* x, const T* A, const T* At, const T* B, const T* mid_saved,
+                T* dA, T* dB, T* gx, int64_t N, const KronShape& s, bool need_a, bool need_b) {
   const int64_t in = s.in_features(), out = s.out_features();
-  // The contractions over tokens are GEMMs whose inner dimension is the sub-block's rows:
-  // sub-blocks here are as large as a ~4 MB intermediate allows, so those GEMMs are long and
-  // the [m, n] accumulators are read and written rarely.
+  // Sub-blocks as large as a ~4 MB intermediate allows: the contractions over tokens are GEMMs
+  // whose inner dimension is the sub-block's rows, and the [m, n] accumulators are touched rarely.
   const int64_t mid_per_token = std::max<int64_t>(1, std::max(s.m1 * s.n2, s.n1 * s.m2));
   const int64_t nb = std::max(block_tokens(s, N), std::min<int64_t>(N, (int64_t(1) << 20) / mid_per_token));
   // Slots of at least 256 tokens (a partition fixed by N alone, so results do not depend on the
@@ -446,15 +454,12 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
   const int64_t nslots = std::clamp<int64_t>(N / 256, 1, 16);
   const int64_t sa = s.R * s.m1 * s.n1, sb = s.R * s.m2 * s.n2;
   std::vector<T> partial(nslots * (sa + sb), T(0));
-  // dA via G = dY B (cost m1*m2*n2 + m1*n1*n2) or T = X B^T (n1*n2*m2 + m1*n1*m2).
-  const bool a_via_g = s.m1 * s.m2 * s.n2 + s.m1 * s.n1 * s.n2 <= s.n1 * s.n2 * s.m2 + s.m1 * s.n1 * s.m2;
-  // dB via U = A X (m1*n1*n2 + m1*m2*n2) or V = A^T dY (n1*m1*m2 + n1*m2*n2).
-  const bool b_via_u = s.m1 * s.n1 * s.n2 + s.m1 * s.m2 * s.n2 <= s.n1 * s.m1 * s.m2 + s.n1 * s.m2 * s.n2;
-  const int64_t mid_size = nb * std::max(s.m1 * s.n2, s.n1 * s.m2);
+  const int64_t mid_size = nb * mid_per_token;
   const bool transposed = small_b(s);
   const bool bfirst = b_first(s);
+  const int64_t mid_tok = mid_numel_per_token(s);
   at::parallel_for(0, nslots, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<T> mid(mid_size), mid2(gx != nullptr ? mid_size : 0), p1, p2;
+    std::vector<T> mid(mid_size), mid2(mid_size), p1, p2;
     for (int64_t slot = s0; slot < s1; ++slot) {
       T* pa = partial.data() + slot * (sa + sb);
       T* pb = pa + sa;
@@ -467,75 +472,60 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
           factor_grads_block_small_b<T>(gb, xb, A, B, pa, pb, cnt, s, need_a, need_b, mid, p1, p2);
           continue;
         }
-        if (gx != nullptr) {
-          T* gxb = gx + t0 * in;
-          for (int64_t r = 0; r < s.R; ++r) {
-            const T* Ar = A + r * s.m1 * s.n1;
-            const T* Atr = At + r * s.m1 * s.n1;
-            const T* Br = B + r * s.m2 * s.n2;
-            T* dAr = pa + r * s.m1 * s.n1;
-            T* dBr = pb + r * s.m2 * s.n2;
-            if (!bfirst) {
-              gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2}, {const_cast<T*>(Br), s.m2, s.n2, s.n2},
-                      {mid.data(), cnt * s.m1, s.n2, s.n2}, false);  // G: [cnt, m1, n2]
-              mode1<T>(Atr, s.n1, s.m1, mid.data(), contiguous_rows(s.m1, s.n2), cnt, s.n2, gxb,
-                       contiguous_rows(s.n1, s.n2), r > 0, p1, p2);
-              if (need_a) contract_tokens<T>(mid.data(), s.m1, xb, s.n1, cnt, s.n2, dAr, p1, p2);
-              if (need_b) {
-                mode1<T>(Ar, s.m1, s.n1, xb, contiguous_rows(s.n1, s.n2), cnt, s.n2, mid2.data(),
-                         contiguous_rows(s.m1, s.n2), false, p1, p2);  // U: [cnt, m1, n2]
-                gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2, /*trans=*/true},
-                        {mid2.data(), cnt * s.m1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
-              }
-            } else {
-              mode1<T>(Atr, s.n1, s.m1, gb, contiguous_rows(s.m1, s.m2), cnt, s.m2, mid.data(),
-                       contiguous_rows(s.n1, s.m2), false, p1, p2);  // V: [cnt, n1, m2]
-              gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2}, {const_cast<T*>(Br), s.m2, s.n2, s.n2},
-                      {gxb, cnt * s.n1, s.n2, s.n2}, r > 0);
-              if (need_b)
-                gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2, /*trans=*/true},
-                        {const_cast<T*>(xb), cnt * s.n1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
-              if (need_a) {
-                mode2<T>(Br, s.m2, s.n2, xb, cnt * s.n1, mid2.data(), false);  // X B^T: [cnt, n1, m2]
-                contract_tokens<T>(gb, s.m1, mid2.data(), s.n1, cnt, s.m2, dAr, p1, p2);
-              }
-            }
-          }
-          if (s.R == 0) std::fill(gxb, gxb + cnt * in, T(0));
-          continue;
-        }
+        T* gxb = gx != nullptr ? gx + t0 * in : nullptr;
+        const T* saved = mid_saved != nullptr ? mid_saved + t0 * mid_tok : nullptr;
         for (int64_t r = 0; r < s.R; ++r) {
           const T* Ar = A + r * s.m1 * s.n1;
           const T* Atr = At + r * s.m1 * s.n1;
           const T* Br = B + r * s.m2 * s.n2;
-          if (need_a) {
-            T* dAr = pa + r * s.m1 * s.n1;
-            if (a_via_g) {
-              // G[n, i1, j2] = sum_i2 dY[n, i1, i2] B[i2, j2]
-              gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2},
-                      {const_cast<T*>(Br), s.m2, s.n2, s.n2}, {mid.data(), cnt * s.m1, s.n2, s.n2},
-                      false);
-              contract_tokens<T>(mid.data(), s.m1, xb, s.n1, cnt, s.n2, dAr, p1, p2);
-            } else {
-              mode2<T>(Br, s.m2, s.n2, xb, cnt * s.n1, mid.data(), false);  // T: [cnt, n1, m2]
-              contract_tokens<T>(gb, s.m1, mid.data(), s.n1, cnt, s.m2, dAr, p1, p2);
+          T* dAr = pa + r * s.m1 * s.n1;
+          T* dBr = pb + r * s.m2 * s.n2;
+          if (!bfirst) {
+            if (gxb != nullptr || need_a) {
+              gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2}, {const_cast<T*>(Br), s.m2, s.n2, s.n2},
+                      {mid.data(), cnt * s.m1, s.n2, s.n2}, false);  // G: [cnt, m1, n2]
+              if (gxb != nullptr)
+                mode1<T>(Atr, s.n1, s.m1, mid.data(), contiguous_rows(s.m1, s.n2), cnt, s.n2, gxb,
+                         contiguous_rows(s.n1, s.n2), r > 0, p1, p2);
+              if (need_a)
+                contract_tokens<T>(mid.data(), s.m1, xb, contiguous_rows(s.n1, s.n2), s.n1, cnt, s.n2,
+                                   dAr, p1, p2);
             }
-          }
-          if (need_b) {
-            T* dBr = pb + r * s.m2 * s.n2;
-            if (b_via_u) {
-              mode1<T>(Ar, s.m1, s.n1, xb, contiguous_rows(s.n1, s.n2), cnt, s.n2, mid.data(),
-                       contiguous_rows(s.m1, s.n2), false, p1, p2);  // U: [cnt, m1, n2]
-              gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2, /*trans=*/true},
-                      {mid.data(), cnt * s.m1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
-            } else {
+            if (need_b) {
+              // U_r = A_r X: row (n, i1) of the saved [cnt, m1, R*n2] at stride R*n2.
+              Mat<T> U{nullptr, cnt * s.m1, s.n2, s.R * s.n2};
+              if (saved != nullptr) {
+                U.p = const_cast<T*>(saved + r * s.n2);
+              } else {
+                mode1<T>(Ar, s.m1, s.n1, xb, contiguous_rows(s.n1, s.n2), cnt, s.n2, mid2.data(),
+                         contiguous_rows(s.m1, s.n2), false, p1, p2);
+                U = {mid2.data(), cnt * s.m1, s.n2, s.n2};
+              }
+              gemm<T>({const_cast<T*>(gb), cnt * s.m1, s.m2, s.m2, /*trans=*/true}, U,
+                      {dBr, s.m2, s.n2, s.n2}, true);
+            }
+          } else {
+            if (gxb != nullptr || need_b) {
               mode1<T>(Atr, s.n1, s.m1, gb, contiguous_rows(s.m1, s.m2), cnt, s.m2, mid.data(),
                        contiguous_rows(s.n1, s.m2), false, p1, p2);  // V: [cnt, n1, m2]
-              gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2, /*trans=*/true},
-                      {const_cast<T*>(xb), cnt * s.n1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
+              if (gxb != nullptr)
+                gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2}, {const_cast<T*>(Br), s.m2, s.n2, s.n2},
+                        {gxb, cnt * s.n1, s.n2, s.n2}, r > 0);
+              if (need_b)
+                gemm<T>({mid.data(), cnt * s.n1, s.m2, s.m2, /*trans=*/true},
+                        {const_cast<T*>(xb), cnt * s.n1, s.n2, s.n2}, {dBr, s.m2, s.n2, s.n2}, true);
+            }
+            if (need_a) {
+              // T_r = X B_r^T: row (n, j1) of the saved [cnt, n1, R*m2] at stride R*m2.
+              const T* Tr = saved != nullptr ? saved + r * s.m2 : mid2.data();
+              Rows rt = saved != nullptr ? Rows{s.n1, s.R * s.m2, s.n1 * s.R * s.m2}
+                                         : contiguous_rows(s.n1, s.m2);
+              if (saved == nullptr) mode2<T>(Br, s.m2, s.n2, xb, cnt * s.n1, mid2.data(), false);
+              contract_tokens<T>(gb, s.m1, Tr, rt, s.n1, cnt, s.m2, dAr, p1, p2);
             }
           }
         }
+        if (gxb != nullptr && s.R == 0) std::fill(gxb, gxb + cnt * in, T(0));
       }
     }
   });
@@ -549,10 +539,6 @@ void factor_grads_impl(const T* gy, const T* x, const T* A, const T* At, const T
       if (slot == 0) std::copy_n(pa + sa, sb, dB); else axpy<T>(sb, T(1), pa + sa, dB);
     }
   }
-  if (nslots == 0) {
-    if (need_a) std::fill(dA, dA + sa, T(0));
-    if (need_b) std::fill(dB, dB + sb, T(0));
-  }
 }
 
 bool needs_upcast(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
@@ -563,44 +549,60 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t features) {
   return shape;
 }
 
-at::Tensor kron_linear_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                           const std::optional<at::Tensor>& bias) {
+int64_t num_tokens(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+}
+
+std::tuple<at::Tensor, at::Tensor> kron_linear_forward_cpu(const at::Tensor& x, const at::Tensor& A,
+                                                           const at::Tensor& B,
+                                                           const std::optional<at::Tensor>& bias,
+                                                           bool keep_mid) {
   const KronShape s = check_kron_linear(kOp, x, A, B, bias);
   const bool has_bias = bias.has_value() && bias->defined();
   if (needs_upcast(x.scalar_type())) {
     // Half precision on CPU computes in float32 (BLAS has no fast fp16 path here).
     std::optional<at::Tensor> b32;
     if (has_bias) b32 = bias->to(at::kFloat);
-    return kron_linear_cpu(x.to(at::kFloat), A.to(at::kFloat), B.to(at::kFloat), b32).to(x.scalar_type());
+    auto [y, mid] = kron_linear_forward_cpu(x.to(at::kFloat), A.to(at::kFloat), B.to(at::kFloat), b32, keep_mid);
+    return {y.to(x.scalar_type()), mid.to(x.scalar_type())};
   }
   const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), Bc = B.contiguous();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
-  const int64_t N = s.in_features() > 0 ? xc.numel() / s.in_features()
-                                        : (x.dim() > 1 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : 1);
+  const int64_t N = num_tokens(x);
   at::Tensor y = at::empty(out_shape(x, s.out_features()), x.options());
-  if (N == 0 || s.out_features() == 0) return y;
+  const bool keep = keep_mid && keeps_mid(s) && N > 0 && s.out_features() > 0;
+  at::Tensor mid = at::empty({keep ? N : 0, keep ? mid_numel_per_token(s) : 0}, x.options());
+  if (N == 0 || s.out_features() == 0) return {y, mid};
   const at::Tensor Acat = Ac.permute({1, 0, 2}).reshape({s.m1, s.R * s.n1}).contiguous();
   const at::Tensor Bp = Bc.permute({1, 0, 2}).reshape({s.m2, s.R * s.n2}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_linear_cpu", [&] {
     forward_impl<scalar_t>(xc.data_ptr<scalar_t>(), Ac.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(),
                            Acat.data_ptr<scalar_t>(), Bp.data_ptr<scalar_t>(),
-                           has_bias ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, s);
+                           has_bias ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                           keep ? mid.data_ptr<scalar_t>() : nullptr, N, s);
   });
-  return y;
+  return {y, mid};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-    std::array<bool, 4> mask) {
+    const at::Tensor& mid, std::array<bool, 4> mask) {
   const char* op = "_kron_linear_backward";
   const KronShape s = check_kron_linear(op, x, A, B, std::nullopt);
   check_same(op, x, "x", grad_y, "grad_y");
+  check_same(op, x, "x", mid, "mid");
   TORCH_CHECK(grad_y.sizes() == c10::IntArrayRef(out_shape(x, s.out_features())), op,
               ": grad_y has shape ", grad_y.sizes(), " but the output of kron_linear has shape ",
               c10::IntArrayRef(out_shape(x, s.out_features())));
+  const int64_t N = num_tokens(x);
+  const bool use_mid = mid.numel() > 0;
+  TORCH_CHECK(!use_mid || (keeps_mid(s) && mid.dim() == 2 && mid.size(0) == N &&
+                           mid.size(1) == mid_numel_per_token(s)),
+              op, ": mid has shape ", mid.sizes(), ", which is not the intermediate that "
+              "_kron_linear_forward keeps for these factors; pass an empty tensor to recompute it");
   if (needs_upcast(x.scalar_type())) {
     auto g = kron_linear_backward_cpu(grad_y.to(at::kFloat), x.to(at::kFloat), A.to(at::kFloat),
-                                      B.to(at::kFloat), mask);
+                                      B.to(at::kFloat), mid.to(at::kFloat), mask);
     auto down = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };
     return {down(std::get<0>(g)), down(std::get<1>(g)), down(std::get<2>(g)), down(std::get<3>(g))};
   }
@@ -608,32 +610,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor gx = empty(), gA = empty(), gB = empty(), gbias = empty();
   const at::Tensor g2 = grad_y.contiguous();
-  const bool fused_x = mask[0] && (mask[1] || mask[2]) && fuse_grad_x(s);
+  const bool need_factors = mask[1] || mask[2];
+  const bool fused_x = mask[0] && need_factors && !small_b(s);
   if (mask[0] && !fused_x) {
-    gx = kron_linear_cpu(g2, A.transpose(1, 2), B.transpose(1, 2), std::nullopt);
+    gx = std::get<0>(kron_linear_forward_cpu(g2, A.transpose(1, 2), B.transpose(1, 2), std::nullopt, false));
   }
   if (mask[3]) {
     gbias = g2.reshape({-1, s.out_features()}).sum(0);
   }
-  if (mask[1] || mask[2]) {
-    const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), Bc = B.contiguous();
-    const at::Tensor Atc = A.transpose(1, 2).contiguous();
-    const int64_t N = g2.numel() / std::max<int64_t>(s.out_features(), 1);
-    const int64_t rows = s.out_features() > 0 ? N : (s.in_features() > 0 ? xc.numel() / s.in_features() : 0);
+  if (need_factors) {
     gA = at::empty(A.sizes(), x.options());
     gB = at::empty(B.sizes(), x.options());
     if (fused_x) gx = at::empty(x.sizes(), x.options());
-    if (rows == 0 || s.in_features() == 0 || s.out_features() == 0) {
+    if (N == 0 || s.in_features() == 0 || s.out_features() == 0) {
       gA.zero_();
       gB.zero_();
       if (fused_x) gx.zero_();
     } else {
+      const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), Bc = B.contiguous();
+      const at::Tensor Atc = A.transpose(1, 2).contiguous();
+      const at::Tensor midc = use_mid ? mid.contiguous() : mid;
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kron_linear_backward_cpu", [&] {
-        factor_grads_impl<scalar_t>(g2.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
-                                    Ac.data_ptr<scalar_t>(), Atc.data_ptr<scalar_t>(),
-                                    Bc.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
-                                    gB.data_ptr<scalar_t>(), fused_x ? gx.data_ptr<scalar_t>() : nullptr,
-                                    rows, s, mask[1], mask[2]);
+        grads_impl<scalar_t>(g2.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), Ac.data_ptr<scalar_t>(),
+                             Atc.data_ptr<scalar_t>(), Bc.data_ptr<scalar_t>(),
+                             use_mid ? midc.data_ptr<scalar_t>() : nullptr, gA.data_ptr<scalar_t>(),
+                             gB.data_ptr<scalar_t>(), fused_x ? gx.data_ptr<scalar_t>() : nullptr, N, s,
+                             mask[1], mask[2]);
       });
     }
     if (!mask[1]) gA = empty();
@@ -645,7 +647,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(effnlp, CPU, m) {
-  m.impl("kron_linear", &kron_linear_cpu);
+  m.impl("_kron_linear_forward", &kron_linear_forward_cpu);
   m.impl("_kron_linear_backward", &kron_linear_backward_cpu);
 }
 

@@ -371,11 +371,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_
   return {gx, gA, gB, gbias};
 }
 
+// The CUDA kernels keep no forward intermediate (cuBLAS makes the recomputation cheap next to
+// the memory it would hold): mid is always empty, and the backward ignores the one it is given.
+std::tuple<at::Tensor, at::Tensor> kron_linear_forward_cuda(const at::Tensor& x, const at::Tensor& A,
+                                                            const at::Tensor& B,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            bool /*keep_mid*/) {
+  at::Tensor y = kron_linear_cuda(x, A, B, bias);
+  return {y, at::empty({0, 0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_mid_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& mid, std::array<bool, 4> mask) {
+  check_same("_kron_linear_backward", x, "x", mid, "mid");
+  return kron_linear_backward_cuda(grad_y, x, A, B, mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(effnlp, CUDA, m) {
-  m.impl("kron_linear", &kron_linear_cuda);
-  m.impl("_kron_linear_backward", &kron_linear_backward_cuda);
+  m.impl("_kron_linear_forward", &kron_linear_forward_cuda);
+  m.impl("_kron_linear_backward", &kron_linear_backward_mid_cuda);
 }
 
 }  // namespace effnlp

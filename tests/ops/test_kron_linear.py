@@ -148,17 +148,53 @@ def test_half_precision_on_cpu_computes_in_float32(dtype):
     assert (y.double() - ref64).abs().max() <= 2 * torch_err + 1e-6
 
 
-def test_opcheck():
-    A, B, bias = _factors(2, 5, 4, 3, 6)
-    x = torch.randn(2, 7, 24)
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3, 6), (1, 3, 16, 12, 2), (2, 16, 16, 2, 2)],
+                         ids=["natural-bfirst", "natural-afirst", "transposed"])
+def test_opcheck(shape):
+    R, m1, n1, m2, n2 = shape
+    A, B, bias = _factors(*shape)
+    x = torch.randn(2, 7, n1 * n2)
     ins = [t.requires_grad_() for t in (x, A, B, bias)]
     torch.library.opcheck(torch.ops.effnlp.kron_linear, (*ins,))
     torch.library.opcheck(torch.ops.effnlp.kron_linear, (x, A, B, None))
-    g = torch.randn(2, 7, 15)
-    torch.library.opcheck(torch.ops.effnlp._kron_linear_backward,
-                          (g, x.detach(), A.detach(), B.detach(), [True, True, True, True]))
-    torch.library.opcheck(torch.ops.effnlp._kron_linear_backward,
-                          (g, x.detach(), A.detach(), B.detach(), [False, True, False, False]))
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.effnlp._kron_linear_forward, (*ins, keep))
+    g = torch.randn(2, 7, m1 * m2)
+    _, mid = torch.ops.effnlp._kron_linear_forward(x.detach(), A.detach(), B.detach(), None, True)
+    for m in (mid, mid.new_empty((0, 0))):
+        for mask in ([True, True, True, True], [False, True, False, False], [True, False, False, True]):
+            torch.library.opcheck(torch.ops.effnlp._kron_linear_backward,
+                                  (g, x.detach(), A.detach(), B.detach(), m, mask))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3, 6), (1, 3, 16, 12, 2), (3, 7, 24, 40, 9)],
+                         ids=str)
+def test_kept_intermediate_gives_the_same_gradients(shape):
+    """The backward with the forward's intermediate equals the one that recomputes it."""
+    A, B, bias = _factors(*shape, dtype=torch.float64)
+    x = torch.randn(300, shape[2] * shape[4], dtype=torch.float64)
+    g = torch.randn(300, shape[1] * shape[3], dtype=torch.float64)
+    y, mid = torch.ops.effnlp._kron_linear_forward(x, A, B, bias, True)
+    assert mid.numel() > 0
+    kept = torch.ops.effnlp._kron_linear_backward(g, x, A, B, mid, [True] * 4)
+    recomputed = torch.ops.effnlp._kron_linear_backward(g, x, A, B, mid.new_empty((0, 0)), [True] * 4)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_intermediate_kept_only_on_request():
+    A, B, _ = _factors(1, 5, 4, 3, 6)
+    x = torch.randn(8, 24)
+    assert torch.ops.effnlp._kron_linear_forward(x, A, B, None, False)[1].numel() == 0
+    assert torch.ops.effnlp._kron_linear_forward(x, A, B, None, True)[1].shape == (8, 4 * 3)
+
+
+def test_backward_rejects_a_foreign_intermediate():
+    A, B, _ = _factors(1, 5, 4, 3, 6)
+    x = torch.randn(8, 24)
+    g = torch.randn(8, 15)
+    with pytest.raises(RuntimeError, match="mid has shape"):
+        torch.ops.effnlp._kron_linear_backward(g, x, A, B, torch.randn(8, 7), [True] * 4)
 
 
 def test_torch_compile_fullgraph():
