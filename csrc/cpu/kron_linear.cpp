@@ -67,6 +67,22 @@ inline T dot(int64_t n, const T* x, const T* y) {
   return s;
 }
 
+// Per-thread scratch buffers that live across calls. A block's intermediates are up to a few MB;
+// allocating them per call means mmap'd memory whose first touch page-faults, which on VMs
+// costs several times the kernel's own memory traffic. The pool's threads persist, so each
+// keeps its buffers (they grow to the largest block seen and are never shrunk).
+template <typename T, int Slot>
+std::vector<T>& scratch() {
+  thread_local std::vector<T> buffer;
+  return buffer;
+}
+
+// Grows a scratch buffer to at least n elements (never shrinks: no refill on the next call).
+template <typename T>
+inline void ensure(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMM on raw row-major buffers through ATen's BLAS binding.
 template <typename T>
@@ -181,8 +197,8 @@ void mode1(const T* A, int64_t m, int64_t k, const T* in, Rows ri, int64_t nb, i
     return;
   }
   const int64_t w = nb * c;
-  pack_in.resize(k * w);
-  pack_out.resize(m * w);
+  ensure(pack_in, k * w);
+  ensure(pack_out, m * w);
   for (int64_t n = 0; n < nb; ++n)
     for (int64_t j = 0; j < k; ++j) std::copy_n(in + ri.offset(n, j, c), c, pack_in.data() + j * w + n * c);
   gemm<T>({const_cast<T*>(A), m, k, k}, {pack_in.data(), k, w, w}, {pack_out.data(), m, w, w},
@@ -232,8 +248,8 @@ void contract_tokens(const T* P, int64_t a, const T* Q, Rows rq, int64_t b, int6
     return;
   }
   const int64_t w = nb * c;
-  pack_p.resize(a * w);
-  pack_q.resize(b * w);
+  ensure(pack_p, a * w);
+  ensure(pack_q, b * w);
   for (int64_t n = 0; n < nb; ++n) {
     for (int64_t i = 0; i < a; ++i) std::copy_n(P + (n * a + i) * c, c, pack_p.data() + i * w + n * c);
     for (int64_t j = 0; j < b; ++j) std::copy_n(Q + rq.offset(n, j, c), c, pack_q.data() + j * w + n * c);
@@ -310,19 +326,19 @@ template <typename T>
 void forward_block_small_b(const T* xb, const T* A, const T* B, const T* bias, T* yb, int64_t cnt,
                            const KronShape& s, bool bfirst, std::vector<T>& Xd,
                            std::vector<T>& PU, std::vector<T>& Q) {
-  Xd.resize(s.n2 * cnt * s.n1);
-  Q.resize(s.m2 * cnt * s.m1);
+  ensure(Xd, s.n2 * cnt * s.n1);
+  ensure(Q, s.m2 * cnt * s.m1);
   transpose_block<T>(xb, cnt, s.n1, s.n2, Xd.data());
   for (int64_t r = 0; r < s.R; ++r) {
     const T* Ar = A + r * s.m1 * s.n1;
     const T* Br = B + r * s.m2 * s.n2;
     const Mat<T> At{const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true};
     if (bfirst) {
-      PU.resize(s.m2 * cnt * s.n1);
+      ensure(PU, s.m2 * cnt * s.n1);
       combine_rows<T>(Br, s.m2, s.n2, false, Xd.data(), cnt * s.n1, PU.data(), false);
       gemm<T>({PU.data(), s.m2 * cnt, s.n1, s.n1}, At, {Q.data(), s.m2 * cnt, s.m1, s.m1}, r > 0);
     } else {
-      PU.resize(s.n2 * cnt * s.m1);
+      ensure(PU, s.n2 * cnt * s.m1);
       gemm<T>({Xd.data(), s.n2 * cnt, s.n1, s.n1}, At, {PU.data(), s.n2 * cnt, s.m1, s.m1}, false);
       combine_rows<T>(Br, s.m2, s.n2, false, PU.data(), cnt * s.m1, Q.data(), r > 0);
     }
@@ -346,7 +362,10 @@ void forward_impl(const T* x, const T* A, const T* B, const T* Acat, const T* Bp
   const bool bfirst = b_first(s);
   const bool transposed = small_b(s);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> mid(mid_out != nullptr ? 0 : nb * mid_numel_per_token(s)), pin, pout;
+    std::vector<T>& mid = scratch<T, 0>();
+    std::vector<T>& pin = scratch<T, 1>();
+    std::vector<T>& pout = scratch<T, 2>();
+    if (mid_out == nullptr) ensure(mid, nb * mid_numel_per_token(s));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * nb, cnt = std::min(nb, N - t0);
       const T* xb = x + t0 * in;
@@ -388,8 +407,8 @@ template <typename T>
 void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B, T* dA, T* dB,
                                 int64_t cnt, const KronShape& s, bool need_a, bool need_b,
                                 std::vector<T>& D, std::vector<T>& Xd, std::vector<T>& W) {
-  D.resize(s.m2 * cnt * s.m1);
-  Xd.resize(s.n2 * cnt * s.n1);
+  ensure(D, s.m2 * cnt * s.m1);
+  ensure(Xd, s.n2 * cnt * s.n1);
   transpose_block<T>(gb, cnt, s.m1, s.m2, D.data());
   transpose_block<T>(xb, cnt, s.n1, s.n2, Xd.data());
   const bool a_via_t = s.m2 * s.n2 * s.n1 + s.m1 * s.n1 * s.m2 <= s.n2 * s.m2 * s.m1 + s.m1 * s.n1 * s.n2;
@@ -400,12 +419,12 @@ void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B
     if (need_a) {
       const Mat<T> dAr{dA + r * s.m1 * s.n1, s.m1, s.n1, s.n1};
       if (a_via_t) {
-        W.resize(s.m2 * cnt * s.n1);
+        ensure(W, s.m2 * cnt * s.n1);
         combine_rows<T>(Br, s.m2, s.n2, false, Xd.data(), cnt * s.n1, W.data(), false);
         gemm<T>({D.data(), s.m2 * cnt, s.m1, s.m1, /*trans=*/true}, {W.data(), s.m2 * cnt, s.n1, s.n1},
                 dAr, true);
       } else {
-        W.resize(s.n2 * cnt * s.m1);
+        ensure(W, s.n2 * cnt * s.m1);
         combine_rows<T>(Br, s.n2, s.m2, true, D.data(), cnt * s.m1, W.data(), false);
         gemm<T>({W.data(), s.n2 * cnt, s.m1, s.m1, /*trans=*/true}, {Xd.data(), s.n2 * cnt, s.n1, s.n1},
                 dAr, true);
@@ -414,14 +433,14 @@ void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B
     if (need_b) {
       T* dBr = dB + r * s.m2 * s.n2;
       if (b_via_u) {
-        W.resize(s.n2 * cnt * s.m1);
+        ensure(W, s.n2 * cnt * s.m1);
         gemm<T>({Xd.data(), s.n2 * cnt, s.n1, s.n1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true},
                 {W.data(), s.n2 * cnt, s.m1, s.m1}, false);
         for (int64_t i2 = 0; i2 < s.m2; ++i2)
           for (int64_t j2 = 0; j2 < s.n2; ++j2)
             dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.m1, D.data() + i2 * cnt * s.m1, W.data() + j2 * cnt * s.m1);
       } else {
-        W.resize(s.m2 * cnt * s.n1);
+        ensure(W, s.m2 * cnt * s.n1);
         gemm<T>({D.data(), s.m2 * cnt, s.m1, s.m1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1},
                 {W.data(), s.m2 * cnt, s.n1, s.n1}, false);
         for (int64_t i2 = 0; i2 < s.m2; ++i2)
@@ -459,7 +478,12 @@ void grads_impl(const T* gy, const T* x, const T* A, const T* At, const T* B, co
   const bool bfirst = b_first(s);
   const int64_t mid_tok = mid_numel_per_token(s);
   at::parallel_for(0, nslots, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<T> mid(mid_size), mid2(mid_size), p1, p2;
+    std::vector<T>& mid = scratch<T, 0>();
+    std::vector<T>& mid2 = scratch<T, 1>();
+    std::vector<T>& p1 = scratch<T, 2>();
+    std::vector<T>& p2 = scratch<T, 3>();
+    ensure(mid, mid_size);
+    ensure(mid2, mid_size);
     for (int64_t slot = s0; slot < s1; ++slot) {
       T* pa = partial.data() + slot * (sa + sb);
       T* pb = pa + sa;
