@@ -24,6 +24,31 @@ def median_time(fn, *, warmup: int = 2, min_rounds: int = 5, min_time: float = 0
     return times[len(times) // 2]
 
 
+def interleaved_median_times(fns: dict, *, warmup: int = 2, min_rounds: int = 5,
+                             min_time: float = 0.5, max_rounds: int = 100) -> dict:
+    """Median wall time (s) of each ``fns[name]()``, timed in interleaved rounds.
+
+    Every round runs each contender once, so a transient state of the machine (another
+    process, page-cache or allocator hiccups) hits all of them alike instead of the one that
+    happened to be timed then. Rounds continue until ``min_rounds`` and ``min_time`` seconds
+    of the slowest contender are reached.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    while True:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds = len(next(iter(times.values())))
+        slowest = max(sum(v) for v in times.values())
+        if rounds >= max_rounds or (rounds >= min_rounds and slowest >= min_time):
+            break
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
 def machine_ceiling() -> dict[str, float]:
     """fp32 GEMM GFLOP/s of a 2048^3 ``torch.mm`` measured now (cached for the process)."""
     if not _CEILING:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .._ops import kron_linear
-from ..benchmarking import machine_ceiling, median_time
+from ..benchmarking import interleaved_median_times, machine_ceiling
 from ..reference import kron_linear_einsum, kron_weight
 
 # name: (R, m1, n1, m2, n2); out = m1*m2, in = n1*n2. "KB8" are the KroneckerBERT-8 factor
@@ -63,7 +63,7 @@ def run_case(case: str, n_tokens: int, mode: str, *, quick: bool = False) -> lis
     lin = torch.nn.Linear(n1 * n2, m1 * m2)
     fns = {DENSE: lambda x, A, B, b: lin(x), OURS: kron_linear, EAGER: kron_linear_einsum,
            COMPILED: _compiled_composition(), LOKR: _lokr}
-    times = {}
+    runs = {}
     for name, fn in fns.items():
         if mode == "fwd":
             def run(fn=fn):
@@ -76,7 +76,9 @@ def run_case(case: str, n_tokens: int, mode: str, *, quick: bool = False) -> lis
             def run(fn=fn, xs=xs, As=As, Bs=Bs, bs=bs, params=params):
                 out = fn(xs, As, Bs, bs)
                 torch.autograd.grad(out, params, torch.ones_like(out))
-        times[name] = median_time(run, min_rounds=3 if quick else 5, min_time=0.3 if quick else 1.0)
+        runs[name] = run
+    times = interleaved_median_times(runs, min_rounds=3 if quick else 7,
+                                     min_time=0.5 if quick else 1.5)
     ceiling = machine_ceiling()["mm2048_gflops"]
     best_comp = min(times[EAGER], times[COMPILED])
     rows = []
