@@ -1,7 +1,7 @@
 """The ``effnlp`` command.
 
-  effnlp demo [--quick] [--data-dir DIR] [--cf 4 8]   the main job: Kronecker benchmark table
-                                                      and the MiniLM compression report
+  effnlp demo [--data-dir DIR] [--cf 4 8] [--sentences N]   the main job: Kronecker benchmark
+                                                           table and the MiniLM compression report
   effnlp bench-kron [--full] [--json PATH]           the kron_linear benchmark table alone
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def demo(args) -> int:
     print("## kron_linear vs dense and torch compositions (4096 tokens)\n")
     print(bench_kron(full=False), "\n", flush=True)
     print("## MiniLM-L6 (offline all-MiniLM-L6-v2) compressed with Kronecker factors, no training\n")
-    kwargs = {"data_dir": args.data_dir}
+    kwargs = {"data_dir": args.data_dir, "n_sentences": args.sentences}
     if args.cf:
         kwargs["cf"] = tuple(args.cf)
     report = minilm_compression_report(**kwargs)
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--data-dir", type=Path, default=_default_data_dir(),
                    help="folder laid out like ../shared/data (SST-2/dev.tsv is read)")
     d.add_argument("--cf", type=float, nargs="*", help="compression factors to report")
+    d.add_argument("--sentences", type=int, default=872,
+                   help="SST-2 dev sentences to embed (872: the whole dev set)")
     b = sub.add_parser("bench-kron", help="kron_linear benchmark table")
     b.add_argument("--full", action="store_true", help="all shapes, 512 and 4096 tokens")
     b.add_argument("--json", help="also write the rows as JSON here")
