@@ -396,26 +396,38 @@ void forward_impl(const T* x, const T* A, const T* B, const T* Acat, const T* Bp
   });
 }
 
-// dA/dB of a sub-block in the transposed layout of forward_block_small_b. With
+// Gradients of a sub-block in the transposed layout of forward_block_small_b. With
 //   D[i2, n, i1] = dY[n, i1, i2] and Xd[j2, n, j1] = X[n, j1, j2],
-// each factor gradient is one GEMM (or a few dots) plus axpys, by the cheaper of two orders:
+// each gradient is one GEMM (or a few dots) plus axpys:
+//   V = D [m2*cnt, m1] @ A (the large product):  dXd[j2] += sum_i2 B[i2, j2] V[i2]   (when gx)
+//                                               dB[i2, j2] += <V[i2], Xd[j2]>
 //   dA via T:  P[i2] = sum_j2 B[i2, j2] Xd[j2];   dA += D^T [m1, m2*cnt] @ P [m2*cnt, n1]
 //   dA via G:  G[j2] = sum_i2 B[i2, j2] D[i2];    dA += G^T [m1, n2*cnt] @ Xd [n2*cnt, n1]
-//   dB via U:  U = Xd [n2*cnt, n1] @ A^T;          dB[i2, j2] += <D[i2], U[j2]>
-//   dB via V:  V = D [m2*cnt, m1] @ A;             dB[i2, j2] += <V[i2], Xd[j2]>
+// so dX and dB share V and the block costs two large GEMMs, as the composition's autograd.
+// Without dX, dB may instead use U = Xd @ A^T, dB[i2, j2] += <D[i2], U[j2]>, if cheaper.
 template <typename T>
-void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B, T* dA, T* dB,
-                                int64_t cnt, const KronShape& s, bool need_a, bool need_b,
-                                std::vector<T>& D, std::vector<T>& Xd, std::vector<T>& W) {
+void grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B, T* dA, T* dB, T* gxb,
+                         int64_t cnt, const KronShape& s, bool need_a, bool need_b,
+                         std::vector<T>& D, std::vector<T>& Xd, std::vector<T>& W,
+                         std::vector<T>& V, std::vector<T>& GX) {
   ensure(D, s.m2 * cnt * s.m1);
   ensure(Xd, s.n2 * cnt * s.n1);
   transpose_block<T>(gb, cnt, s.m1, s.m2, D.data());
   transpose_block<T>(xb, cnt, s.n1, s.n2, Xd.data());
   const bool a_via_t = s.m2 * s.n2 * s.n1 + s.m1 * s.n1 * s.m2 <= s.n2 * s.m2 * s.m1 + s.m1 * s.n1 * s.n2;
-  const bool b_via_u = s.n2 * s.n1 * s.m1 + s.m2 * s.n2 * s.m1 <= s.m2 * s.m1 * s.n1 + s.m2 * s.n2 * s.n1;
+  const bool b_via_u = gxb == nullptr &&
+      s.n2 * s.n1 * s.m1 + s.m2 * s.n2 * s.m1 <= s.m2 * s.m1 * s.n1 + s.m2 * s.n2 * s.n1;
+  if (gxb != nullptr) ensure(GX, s.n2 * cnt * s.n1);
   for (int64_t r = 0; r < s.R; ++r) {
     const T* Ar = A + r * s.m1 * s.n1;
     const T* Br = B + r * s.m2 * s.n2;
+    if (gxb != nullptr || (need_b && !b_via_u)) {
+      ensure(V, s.m2 * cnt * s.n1);
+      gemm<T>({D.data(), s.m2 * cnt, s.m1, s.m1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1},
+              {V.data(), s.m2 * cnt, s.n1, s.n1}, false);
+      if (gxb != nullptr)
+        combine_rows<T>(Br, s.n2, s.m2, true, V.data(), cnt * s.n1, GX.data(), r > 0);
+    }
     if (need_a) {
       const Mat<T> dAr{dA + r * s.m1 * s.n1, s.m1, s.n1, s.n1};
       if (a_via_t) {
@@ -440,13 +452,18 @@ void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B
           for (int64_t j2 = 0; j2 < s.n2; ++j2)
             dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.m1, D.data() + i2 * cnt * s.m1, W.data() + j2 * cnt * s.m1);
       } else {
-        ensure(W, s.m2 * cnt * s.n1);
-        gemm<T>({D.data(), s.m2 * cnt, s.m1, s.m1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1},
-                {W.data(), s.m2 * cnt, s.n1, s.n1}, false);
         for (int64_t i2 = 0; i2 < s.m2; ++i2)
           for (int64_t j2 = 0; j2 < s.n2; ++j2)
-            dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.n1, W.data() + i2 * cnt * s.n1, Xd.data() + j2 * cnt * s.n1);
+            dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.n1, V.data() + i2 * cnt * s.n1, Xd.data() + j2 * cnt * s.n1);
       }
+    }
+  }
+  if (gxb != nullptr) {
+    if (s.R == 0) std::fill(GX.begin(), GX.begin() + s.n2 * cnt * s.n1, T(0));
+    for (int64_t n = 0; n < cnt; ++n) {  // dX[n, j1, j2] = dXd[j2, n, j1]
+      T* gn = gxb + n * s.n1 * s.n2;
+      for (int64_t j1 = 0; j1 < s.n1; ++j1)
+        for (int64_t j2 = 0; j2 < s.n2; ++j2) gn[j1 * s.n2 + j2] = GX[(j2 * cnt + n) * s.n1 + j1];
     }
   }
 }
@@ -458,8 +475,7 @@ void factor_grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B
 //   B first (Y = A (X B^T)):  V = A^T dY   ->  dX = V B,     dB += V^T X,             dA += sum_n dY_n T_n^T
 // with U = A X or T = X B^T taken from the forward (mid) when it kept them, else recomputed.
 // With mid, that is two large GEMMs per block, the work of the torch composition's autograd.
-// The transposed layout (small B) has its own block routine; dX then comes from a separate
-// kron_linear with transposed factors.
+// The transposed layout (small B) has its own block routine (grads_block_small_b).
 template <typename T>
 void grads_impl(const T* gy, const T* x, const T* A, const T* At, const T* B, const T* mid_saved,
                 T* dA, T* dB, T* gx, int64_t N, const KronShape& s, bool need_a, bool need_b) {
@@ -492,11 +508,12 @@ void grads_impl(const T* gy, const T* x, const T* A, const T* At, const T* B, co
         const int64_t cnt = std::min(nb, te - t0);
         const T* xb = x + t0 * in;
         const T* gb = gy + t0 * out;
+        T* gxb = gx != nullptr ? gx + t0 * in : nullptr;
         if (transposed) {
-          factor_grads_block_small_b<T>(gb, xb, A, B, pa, pb, cnt, s, need_a, need_b, mid, p1, p2);
+          grads_block_small_b<T>(gb, xb, A, B, pa, pb, gxb, cnt, s, need_a, need_b, mid, p1, p2, mid2,
+                                 scratch<T, 4>());
           continue;
         }
-        T* gxb = gx != nullptr ? gx + t0 * in : nullptr;
         const T* saved = mid_saved != nullptr ? mid_saved + t0 * mid_tok : nullptr;
         for (int64_t r = 0; r < s.R; ++r) {
           const T* Ar = A + r * s.m1 * s.n1;
@@ -635,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_
   at::Tensor gx = empty(), gA = empty(), gB = empty(), gbias = empty();
   const at::Tensor g2 = grad_y.contiguous();
   const bool need_factors = mask[1] || mask[2];
-  const bool fused_x = mask[0] && need_factors && !small_b(s);
+  const bool fused_x = mask[0] && need_factors;
   if (mask[0] && !fused_x) {
     gx = std::get<0>(kron_linear_forward_cpu(g2, A.transpose(1, 2), B.transpose(1, 2), std::nullopt, false));
   }
