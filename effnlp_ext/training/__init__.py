@@ -1,0 +1,2 @@
+"""Shared training core: the trainer (DDP, AMP, checkpoint/resume, JSON-lines metrics)."""
+from .trainer import TrainConfig, Trainer, default_step, linear_warmup_decay, param_groups, set_seed

@@ -1,0 +1,138 @@
+"""Trainer unit tests: LR schedule, gradient accumulation, best checkpoint, JSON-lines metrics."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from effnlp_ext.training import TrainConfig, Trainer, linear_warmup_decay, param_groups
+
+_spec = importlib.util.spec_from_file_location(
+    "_train_script", Path(__file__).with_name("_train_script.py"))
+_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_script)
+TinyMLP, make_data = _script.TinyMLP, _script.make_data
+
+
+def _config(tmp_path, **kw) -> TrainConfig:
+    base = dict(lr=1e-2, max_steps=6, batch_size=4, seed=3, output_dir=str(tmp_path),
+                progress=False, device="cpu", log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_linear_warmup_decay_shape():
+    f = linear_warmup_decay(4, 10)
+    values = [f(s) for s in range(11)]
+    expected = [0, 0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0]
+    assert values == pytest.approx(expected)
+
+
+def test_trainer_lr_follows_warmup_then_decay(tmp_path):
+    cfg = _config(tmp_path, max_steps=10, warmup_ratio=0.2, lr=0.1)
+    trainer = Trainer(TinyMLP(dropout=0.0), cfg, train_dataset=make_data(32))
+    assert trainer.warmup_steps == 2
+    trainer.train()
+    lrs = [r["lr"] for r in _read_jsonl(tmp_path / "metrics.jsonl") if r["type"] == "train"]
+    # lr used by update s (1-based) is the schedule at s - 1
+    expected = [0.1 * linear_warmup_decay(2, 10)(s) for s in range(10)]
+    assert lrs == pytest.approx(expected)
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0)
+
+
+def test_param_groups_exclude_bias_and_layernorm():
+    model = TinyMLP()
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model.net[0].weight), id(model.net[4].weight)}
+    assert len(no_decay["params"]) == 4  # two biases, LayerNorm weight and bias
+
+
+def test_grad_accumulation_matches_larger_batch(tmp_path):
+    def run(batch_size, accum, sub):
+        torch.manual_seed(0)
+        model = TinyMLP(dropout=0.0)
+        cfg = _config(tmp_path / sub, batch_size=batch_size, grad_accum_steps=accum, max_steps=5,
+                      weight_decay=0.01, warmup_steps=1)
+        Trainer(model, cfg, train_dataset=make_data(64)).train()
+        return model.state_dict()
+
+    big, accumulated = run(8, 1, "big"), run(4, 2, "accum")
+    diff = max((big[k] - accumulated[k]).abs().max().item() for k in big)
+    assert diff < 1e-6, diff
+
+
+def test_epochs_count_optimizer_steps(tmp_path):
+    cfg = _config(tmp_path, max_steps=None, epochs=2, batch_size=4, grad_accum_steps=2)
+    trainer = Trainer(TinyMLP(), cfg, train_dataset=make_data(30))  # 8 batches per epoch
+    assert trainer.batches_per_epoch == 8 and trainer.total_steps == 8
+    out = trainer.train()
+    assert out["step"] == 8
+
+
+@pytest.mark.parametrize("greater, best_call", [(True, 1), (False, 0)])
+def test_best_checkpoint_keeps_best_metric(tmp_path, greater, best_call):
+    scores = iter([0.5, 0.9, 0.7, 0.8])
+    snapshots = []
+
+    def eval_fn(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"acc": next(scores), "other": 1.0}
+
+    cfg = _config(tmp_path, max_steps=8, eval_every=2, metric_for_best="acc",
+                  greater_is_better=greater)
+    out = Trainer(TinyMLP(), cfg, train_dataset=make_data(32), eval_fn=eval_fn).train()
+    assert len(snapshots) == 4  # steps 2, 4, 6, 8; no extra eval at the end
+    assert out["best_step"] == 2 * (best_call + 1)
+    assert out["best_metric"] == [0.5, 0.9][best_call]
+    record = json.loads((tmp_path / "best" / "metric.json").read_text())
+    assert record["step"] == out["best_step"] and record["metric"] == "acc"
+    assert record["value"] == out["best_metric"] and record["metrics"]["other"] == 1.0
+    best = torch.load(tmp_path / "best" / "model.pt")
+    for k, v in snapshots[best_call].items():
+        torch.testing.assert_close(best[k], v, rtol=0, atol=0)
+
+
+def test_metrics_jsonl_records(tmp_path):
+    data = make_data(32)
+    loader = torch.utils.data.DataLoader(data[:16], batch_size=8)
+
+    def accuracy(logits, labels):
+        return {"accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+
+    cfg = _config(tmp_path, max_steps=6, log_every=2, eval_every=3)
+    Trainer(TinyMLP(), cfg, train_dataset=data, eval_loader=loader, metric_fn=accuracy).train()
+    records = _read_jsonl(tmp_path / "metrics.jsonl")
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert all({"loss", "lr", "epoch"} <= r.keys() and r["loss"] > 0 for r in train)
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(0 <= r["accuracy"] <= 1 and r["eval_loss"] > 0 for r in evals)
+    assert (tmp_path / "checkpoint.pt").exists()  # end-of-run checkpoint
+
+
+def test_custom_step_fn_logs_extra_values(tmp_path):
+    def step_fn(model, batch):
+        out = model(**batch)
+        return out.loss * 2, {"half": float(out.loss.detach())}
+
+    cfg = _config(tmp_path, max_steps=3)
+    Trainer(TinyMLP(dropout=0.0), cfg, train_dataset=make_data(16), step_fn=step_fn).train()
+    for r in _read_jsonl(tmp_path / "metrics.jsonl"):
+        assert r["loss"] == pytest.approx(2 * r["half"])
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        TrainConfig(grad_accum_steps=0)
+    with pytest.raises(ValueError):
+        TrainConfig(amp="int8")
