@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,63 @@ def test_config_rejects_bad_values():
         TrainConfig(grad_accum_steps=0)
     with pytest.raises(ValueError):
         TrainConfig(amp="int8")
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_crash_with_accumulation_and_eval(tmp_path):
+    """Crash mid-run (accumulation crossing epoch ends, dropout, eval) and resume in-process."""
+    def run(out, crash_at=None, resume=False):
+        torch.manual_seed(0)
+        model = TinyMLP(dropout=0.2)
+        calls = {"n": 0}
+
+        def step_fn(m, batch):
+            calls["n"] += 1
+            if crash_at is not None and calls["n"] == crash_at:
+                raise _Crash
+            return m(**batch).loss
+
+        def eval_fn(m):
+            return {"w": m.net[0].weight.sum().item()}
+
+        cfg = _config(out, batch_size=4, grad_accum_steps=2, max_steps=12, save_every=2,
+                      eval_every=3, metric_for_best="w", warmup_steps=2)
+        trainer = Trainer(model, cfg, train_dataset=make_data(20), step_fn=step_fn,
+                          eval_fn=eval_fn)  # 5 batches per epoch: accumulation spans epochs
+        return trainer, trainer.train(resume=resume)
+
+    ref, ref_out = run(tmp_path / "ref")
+    with pytest.raises(_Crash):
+        run(tmp_path / "run", crash_at=16)  # after step 7; the last checkpoint is step 6
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 6
+    resumed, out = run(tmp_path / "run", resume=True)
+    assert out == ref_out
+    for k, v in ref.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=1e-6)
+    assert _read_jsonl(tmp_path / "run" / "metrics.jsonl") == _read_jsonl(
+        tmp_path / "ref" / "metrics.jsonl")
+    assert json.loads((tmp_path / "run" / "best" / "metric.json").read_text()) == json.loads(
+        (tmp_path / "ref" / "best" / "metric.json").read_text())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_autocast_trains_and_resumes(tmp_path, amp):
+    cfg = _config(tmp_path, max_steps=4, save_every=2, amp=amp, device="cuda")
+    trainer = Trainer(TinyMLP(), cfg, train_dataset=make_data(32))
+    assert trainer.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    trainer.train()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and ("scaler" in state) == (amp == "fp16")
+    assert all(math.isfinite(r["loss"]) for r in _read_jsonl(tmp_path / "metrics.jsonl")
+               if r["type"] == "train")
+    again = Trainer(TinyMLP(), cfg, train_dataset=make_data(32))
+    assert again.train(resume=True)["step"] == 4
+
+
+def test_cpu_ignores_amp(tmp_path):
+    trainer = Trainer(TinyMLP(), _config(tmp_path, amp="bf16"), train_dataset=make_data(16))
+    assert trainer.amp_dtype is None and trainer.scaler is None
