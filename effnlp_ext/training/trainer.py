@@ -262,7 +262,8 @@ class Trainer:
             for holder in (self.train_loader.sampler, self.train_loader.batch_sampler):
                 if hasattr(holder, "set_epoch"):
                     holder.set_epoch(epoch)
-            it = iter(self.train_loader)
+            with torch.random.fork_rng(devices=[]):  # iter() must not move the global RNG
+                it = iter(self.train_loader)
             for _ in range(start):
                 next(it)
             return it

@@ -143,8 +143,17 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_after_crash_with_accumulation_and_eval(tmp_path):
+@pytest.mark.parametrize("source", ["dataset", "loader"])
+def test_resume_after_crash_with_accumulation_and_eval(tmp_path, source):
     """Crash mid-run (accumulation crossing epoch ends, dropout, eval) and resume in-process."""
+    data = make_data(20)
+
+    def train_data():
+        if source == "dataset":
+            return {"train_dataset": data}
+        sampler = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=5)
+        return {"train_loader": torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)}
+
     def run(out, crash_at=None, resume=False):
         torch.manual_seed(0)
         model = TinyMLP(dropout=0.2)
@@ -161,7 +170,7 @@ def test_resume_after_crash_with_accumulation_and_eval(tmp_path):
 
         cfg = _config(out, batch_size=4, grad_accum_steps=2, max_steps=12, save_every=2,
                       eval_every=3, metric_for_best="w", warmup_steps=2)
-        trainer = Trainer(model, cfg, train_dataset=make_data(20), step_fn=step_fn,
+        trainer = Trainer(model, cfg, **train_data(), step_fn=step_fn,
                           eval_fn=eval_fn)  # 5 batches per epoch: accumulation spans epochs
         return trainer, trainer.train(resume=resume)
 
