@@ -16,6 +16,8 @@ SHAPES = [
     (1, 8, 2, 48, 48),     # FFN-like: small A, large B
     (1, 2, 8, 48, 48),     # FFN down-projection
     (2, 48, 48, 2, 2),     # attention-like: large A, tiny B
+    (2, 9, 20, 6, 1),      # small B, A-first order (transposed layout)
+    (2, 20, 9, 1, 6),      # small B, B-first order (transposed layout)
     (3, 5, 7, 3, 4),       # odd sizes, R > 1
     (2, 17, 19, 13, 11),   # packed mode-1 path
     (1, 20, 24, 100, 97),  # per-token GEMM path (long rows)
@@ -82,7 +84,7 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 2, 2, 3), (1, 4, 5, 1, 1), (2, 16, 16, 2, 2),
-                                   (1, 2, 3, 9, 10)], ids=str)
+                                   (2, 9, 10, 3, 1), (2, 10, 9, 1, 3), (1, 2, 3, 9, 10)], ids=str)
 def test_gradcheck_float64(shape):
     A, B, bias = _factors(*shape, dtype=torch.float64)
     x = torch.randn(2, 3, shape[2] * shape[4], dtype=torch.float64)
