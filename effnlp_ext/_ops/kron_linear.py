@@ -1,9 +1,4 @@
-"""Fake (meta) kernels and autograd registration of the compiled effnlp ops.
-
-The schemas live in csrc/registration.cpp; the kernels in csrc/cpu and csrc/cuda. What is
-registered here lets the ops run under torch.compile (fake tensors), FakeTensorMode/meta
-shape propagation, and autograd, where the backward is itself an op.
-"""
+"""kron_linear: fake kernels and autograd of the fused Kronecker-factored linear op."""
 from __future__ import annotations
 
 import torch

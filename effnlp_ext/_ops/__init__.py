@@ -1,0 +1,11 @@
+"""Fake (meta) kernels and autograd registration of the compiled effnlp ops, one module per op.
+
+The schemas live in csrc/registration.cpp; the kernels in csrc/cpu and csrc/cuda. What each
+module registers lets its op run under torch.compile (fake tensors), FakeTensorMode/meta shape
+propagation and autograd, where the backward is itself an op.
+"""
+from __future__ import annotations
+
+from .kron_linear import kron_linear
+
+__all__ = ["kron_linear"]
