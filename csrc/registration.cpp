@@ -18,6 +18,13 @@ TORCH_LIBRARY(effnlp, m) {
   m.def(
       "_kron_linear_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor mid,"
       " bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // FNet token mixing: y = Re(F_L X F_H) over the last two dims of x [..., L, H], real in and
+  // out. lengths (optional, the batch shape of x): mix each sequence over its first
+  // lengths[b] rows only; the remaining rows of y are 0 and do not affect the others. The map
+  // is self-adjoint (both DFT matrices are symmetric), so its backward is this op on the
+  // output gradient.
+  m.def("fourier_mix(Tensor x, Tensor? lengths=None) -> Tensor");
 }
 
 // `import effnlp_ext._C` loads this shared library, whose static initialisers register the ops.

@@ -44,3 +44,32 @@ def kron_linear_einsum(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         Y = torch.einsum("rnil,rkl->nik", U, B)       # (A X) B^T   [N, m1, m2]
     y = Y.reshape(*lead, m1 * m2)
     return y if bias is None else y + bias
+
+
+def fourier_mix_ref(x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """``Re(FFT_L(FFT_H(x)))`` over the last two dims (HF FNet's ``fftn(...).real``); with
+    ``lengths``, each sequence is transformed over its first ``lengths[b]`` rows and its padding
+    rows are 0."""
+    if x.numel() == 0:  # torch's FFT rejects empty batches
+        return torch.zeros_like(x)
+    if lengths is None:
+        return torch.fft.fftn(x, dim=(-2, -1)).real
+    lead, (L, H) = x.shape[:-2], x.shape[-2:]
+    xs, ns = x.reshape(-1, L, H), lengths.reshape(-1).tolist()
+    rows = [torch.cat([torch.fft.fftn(xs[b, :n], dim=(-2, -1)).real if n else xs.new_zeros(0, H),
+                       xs.new_zeros(L - n, H)]) for b, n in enumerate(ns)]
+    out = torch.stack(rows) if rows else xs.new_zeros(xs.shape)
+    return out.reshape(*lead, L, H)
+
+
+def fourier_mix_rfft(x: torch.Tensor) -> torch.Tensor:
+    """The best composition in torch ops we found: ``rfftn`` (half the work of a complex fft2),
+    then the real part with the Hermitian mirror for the columns above H/2."""
+    L, H = x.shape[-2:]
+    K = H // 2 + 1
+    Z = torch.fft.rfftn(x, dim=(-2, -1)).real                      # [..., L, K]
+    if H - K == 0:
+        return Z.contiguous()
+    rows = (-torch.arange(L, device=x.device)) % L                 # j -> (L - j) mod L
+    mirror = Z.index_select(-2, rows)[..., 1:H - K + 1].flip(-1)   # columns H-K+1 .. H-1
+    return torch.cat([Z, mirror], dim=-1)

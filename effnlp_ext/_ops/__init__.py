@@ -6,6 +6,7 @@ propagation and autograd, where the backward is itself an op.
 """
 from __future__ import annotations
 
+from .fourier_mix import fourier_mix
 from .kron_linear import kron_linear
 
-__all__ = ["kron_linear"]
+__all__ = ["fourier_mix", "kron_linear"]
