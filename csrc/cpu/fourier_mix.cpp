@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -35,8 +36,14 @@ namespace effnlp {
 namespace {
 
 constexpr const char* kOp = "fourier_mix";
-// Sequence lengths up to this use the DFT-as-GEMM path (measured crossover, see bench_fnet).
+// Sequence lengths up to this use the DFT-as-GEMM path (measured crossover, see bench_fnet;
+// EFFNLP_FOURIER_GEMM_MAX_L overrides it, for that measurement).
 constexpr int64_t kGemmMaxL = 32;
+
+int64_t gemm_max_len() {
+  const char* env = std::getenv("EFFNLP_FOURIER_GEMM_MAX_L");
+  return env != nullptr ? std::atoll(env) : kGemmMaxL;
+}
 // Elements of x per chunk: the chunk, its half spectrum and the transformed spectrum together
 // stay within the last-level cache.
 constexpr int64_t kChunkElems = int64_t(1) << 19;
@@ -106,7 +113,7 @@ void mix_group(const at::Tensor& x3, at::Tensor& y3, const LengthGroup& g, int64
   const bool contiguous_run =
       n == L && (g.index.empty() || g.index.back() - g.index.front() + 1 ==
                                         static_cast<int64_t>(g.index.size()));
-  const bool gemm = n <= kGemmMaxL;
+  const bool gemm = n <= gemm_max_len();
   const int64_t per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, n * H));
   const int64_t count = static_cast<int64_t>(g.index.size());
   at::Tensor cos_t, sin_t;

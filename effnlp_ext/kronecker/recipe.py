@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..benchmarking import median_time
 from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode,
                     get_task, load_task)
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD, PredictionKD
+from ..training.evaluate import accuracy, latency_ms
 from ..training.teacher import TeacherConfig, load_teacher
 from .convert import compress, compression_report
 
@@ -45,25 +45,6 @@ class DistillConfig:
     batch_size: int = 32
     max_length: int = 128
     seed: int = 42
-
-
-def accuracy(model, loader, task: str) -> float:
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            labels.append(batch.pop("labels"))
-            logits.append(model(**batch).logits)
-    return compute_metrics(task, torch.cat(logits), torch.cat(labels))["accuracy"]
-
-
-def latency_ms(model, features, collator, batch_size: int) -> float:
-    model.eval()
-    batch = collator(features[:batch_size])
-    batch.pop("labels")
-    with torch.no_grad():
-        return median_time(lambda: model(**batch), min_rounds=5, min_time=1.0) * 1e3
-
 
 
 def compress_student(teacher, setting: str):
