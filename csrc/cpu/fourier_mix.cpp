@@ -15,10 +15,13 @@
 //        (cos is even and sin odd in j); two real GEMMs per sequence on de-interleaved halves.
 // The crossover is a measured length (kGemmMaxL).
 //
-// Sequences are processed in chunks sized to stay in cache, through per-thread scratch buffers
-// that persist across calls (fresh large allocations page-fault at a fraction of memcpy speed
-// on these VMs). With lengths, sequences of equal true length form one batched transform;
-// padding rows are written as zeros and never read.
+// FFT path, with oneMKL (the x86_64 torch builds export it): one committed single-threaded 2-D
+// real-to-complex plan per thread and length, kept across calls; in parallel over sequences,
+// each thread transforms a sequence into its own cache-resident spectrum and writes that
+// sequence's output rows from it, so the half spectrum never makes a round trip to memory.
+// Without MKL (or for fewer sequences than threads), the same math through ATen's FFT, one
+// batched transform per group of equal lengths, then one parallel pass writing y.
+// With lengths, padding rows are written as zeros and never read.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,13 +30,78 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "effnlp/fourier_mix.h"
 
+// oneMKL's DFT interface, which the x86_64 builds of torch link statically and export. The
+// declarations are weak: on a torch without MKL they resolve to null and the kernel takes the
+// ATen path instead. Values of the configuration enums as in mkl_dfti.h.
+extern "C" {
+struct DFTI_DESCRIPTOR;
+typedef DFTI_DESCRIPTOR* DFTI_DESCRIPTOR_HANDLE;
+long DftiCreateDescriptor_s_md(DFTI_DESCRIPTOR_HANDLE*, int, long, ...) __attribute__((weak));
+long DftiCreateDescriptor_d_md(DFTI_DESCRIPTOR_HANDLE*, int, long, ...) __attribute__((weak));
+long DftiSetValue(DFTI_DESCRIPTOR_HANDLE, int, ...) __attribute__((weak));
+long DftiCommitDescriptor(DFTI_DESCRIPTOR_HANDLE) __attribute__((weak));
+long DftiComputeForward(DFTI_DESCRIPTOR_HANDLE, void*, ...) __attribute__((weak));
+long DftiFreeDescriptor(DFTI_DESCRIPTOR_HANDLE*) __attribute__((weak));
+char* DftiErrorMessage(long) __attribute__((weak));
+}
+
 namespace effnlp {
 namespace {
+
+namespace dfti {
+constexpr int kReal = 33, kPlacement = 11, kNotInplace = 44, kConjEvenStorage = 10,
+              kComplexComplex = 39, kInputStrides = 12, kOutputStrides = 13, kThreadLimit = 27;
+}  // namespace dfti
+
+bool have_mkl_dft() {
+  return DftiCreateDescriptor_s_md != nullptr && DftiCreateDescriptor_d_md != nullptr &&
+         DftiSetValue != nullptr && DftiCommitDescriptor != nullptr &&
+         DftiComputeForward != nullptr && DftiFreeDescriptor != nullptr &&
+         std::getenv("EFFNLP_FOURIER_NO_MKL") == nullptr;
+}
+
+void dfti_check(long status, const char* what) {
+  TORCH_CHECK(status == 0, "fourier_mix: MKL DFT ", what, " failed: ",
+              DftiErrorMessage != nullptr ? DftiErrorMessage(status) : "(no message)");
+}
+
+// A committed single-threaded 2-D real-to-complex plan [n, H] -> [n, H/2+1] (CCE storage),
+// one per thread, length and precision, kept for the life of the thread.
+struct Plan {
+  DFTI_DESCRIPTOR_HANDLE handle = nullptr;
+  ~Plan() {
+    if (handle != nullptr) DftiFreeDescriptor(&handle);
+  }
+};
+
+DFTI_DESCRIPTOR_HANDLE plan_2d_r2c(int64_t n, int64_t H, bool dbl) {
+  thread_local std::map<std::tuple<int64_t, int64_t, bool>, Plan> plans;
+  Plan& p = plans[{n, H, dbl}];
+  if (p.handle == nullptr) {
+    long lengths[2] = {long(n), long(H)};
+    const long K = long(H / 2 + 1);
+    long in_strides[3] = {0, long(H), 1};
+    long out_strides[3] = {0, K, 1};
+    DFTI_DESCRIPTOR_HANDLE h = nullptr;
+    dfti_check(dbl ? DftiCreateDescriptor_d_md(&h, dfti::kReal, 2L, lengths)
+                   : DftiCreateDescriptor_s_md(&h, dfti::kReal, 2L, lengths), "create");
+    p.handle = h;
+    dfti_check(DftiSetValue(h, dfti::kPlacement, dfti::kNotInplace), "placement");
+    dfti_check(DftiSetValue(h, dfti::kConjEvenStorage, dfti::kComplexComplex), "storage");
+    dfti_check(DftiSetValue(h, dfti::kInputStrides, in_strides), "input strides");
+    dfti_check(DftiSetValue(h, dfti::kOutputStrides, out_strides), "output strides");
+    dfti_check(DftiSetValue(h, dfti::kThreadLimit, 1L), "thread limit");
+    dfti_check(DftiCommitDescriptor(h), "commit");
+  }
+  return p.handle;
+}
 
 constexpr const char* kOp = "fourier_mix";
 // Sequence lengths up to this use the DFT-as-GEMM path (measured crossover, see bench_fnet;
@@ -44,9 +112,11 @@ int64_t gemm_max_len() {
   const char* env = std::getenv("EFFNLP_FOURIER_GEMM_MAX_L");
   return env != nullptr ? std::atoll(env) : kGemmMaxL;
 }
-// Elements of x per chunk: the chunk, its half spectrum and the transformed spectrum together
-// stay within the last-level cache.
-constexpr int64_t kChunkElems = int64_t(1) << 19;
+// Elements of x per ATen FFT call (ATen builds a plan per call, so the chunks are large).
+int64_t chunk_elems() {
+  const char* env = std::getenv("EFFNLP_FOURIER_CHUNK");
+  return env != nullptr ? std::atoll(env) : (int64_t(1) << 26);
+}
 
 at::Tensor& scratch(int slot, int64_t numel, const at::TensorOptions& opts) {
   thread_local std::map<std::pair<int, at::ScalarType>, at::Tensor> buffers;
@@ -104,6 +174,34 @@ void write_from_pq(const T* P, const T* Q, T* y, int64_t H, int64_t K, int64_t j
   }
 }
 
+// The FFT path with MKL plans of our own: in parallel over sequences, each thread transforms one
+// sequence into its own cache-resident spectrum and writes that sequence's output rows from it
+// at once, so the spectrum never goes back to memory.
+template <typename T>
+void mix_sequences_mkl(const at::Tensor& x3, at::Tensor& y3, const std::vector<LengthGroup>& groups,
+                       int64_t L, int64_t H, int64_t gemm_max) {
+  std::vector<std::pair<int64_t, int64_t>> work;  // (sequence, true length)
+  for (const auto& g : groups) {
+    if (g.n > gemm_max) {
+      for (int64_t b : g.index) work.emplace_back(b, g.n);
+    }
+  }
+  const int64_t K = H / 2 + 1;
+  const T* x = x3.data_ptr<T>();
+  T* y = y3.data_ptr<T>();
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
+    thread_local std::vector<T> spectrum;
+    for (int64_t w = w0; w < w1; ++w) {
+      const auto [b, n] = work[w];
+      if (spectrum.size() < size_t(2 * n * K)) spectrum.resize(2 * n * K);
+      DFTI_DESCRIPTOR_HANDLE h = plan_2d_r2c(n, H, std::is_same_v<T, double>);
+      dfti_check(DftiComputeForward(h, const_cast<T*>(x + b * L * H), spectrum.data()),
+                 "compute");
+      write_from_spectrum(spectrum.data(), y + b * L * H, n, H, K, 0, n);
+    }
+  });
+}
+
 template <typename T>
 void mix_group(const at::Tensor& x3, at::Tensor& y3, const LengthGroup& g, int64_t L, int64_t H) {
   const int64_t n = g.n;
@@ -114,7 +212,7 @@ void mix_group(const at::Tensor& x3, at::Tensor& y3, const LengthGroup& g, int64
       n == L && (g.index.empty() || g.index.back() - g.index.front() + 1 ==
                                         static_cast<int64_t>(g.index.size()));
   const bool gemm = n <= gemm_max_len();
-  const int64_t per_chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, n * H));
+  const int64_t per_chunk = std::max<int64_t>(1, chunk_elems() / std::max<int64_t>(1, n * H));
   const int64_t count = static_cast<int64_t>(g.index.size());
   at::Tensor cos_t, sin_t;
   if (gemm) std::tie(cos_t, sin_t) = dft_tables(n, x3.scalar_type());
@@ -129,8 +227,11 @@ void mix_group(const at::Tensor& x3, at::Tensor& y3, const LengthGroup& g, int64
       xin = scratch(0, c * n * H, ropts).narrow(0, 0, c * n * H).view({c, n, H});
       at::index_select_out(xin, x3.narrow(1, 0, n), 0, idx);
     }
-    at::Tensor R = scratch(1, c * n * K, copts).narrow(0, 0, c * n * K).view({c, n, K});
-    at::_fft_r2c_out(R, xin, {2}, /*normalization=*/0, /*onesided=*/true);
+    // The functional FFT ops: their out= variants transform into a temporary and copy it. The
+    // GEMM path needs only the rfft along H; the FFT path takes both transforms in one 2-D
+    // real-input plan (no intermediate spectrum round trip).
+    at::Tensor R = at::_fft_r2c(xin, gemm ? at::IntArrayRef{2} : at::IntArrayRef{1, 2},
+                                /*normalization=*/0, /*onesided=*/true);
     if (gemm) {
       // De-interleave R into Re/Im halves, then P = C Re(R), Q = S Im(R) per sequence.
       at::Tensor ri = scratch(2, 2 * c * n * K, ropts).narrow(0, 0, 2 * c * n * K).view({2, c, n, K});
@@ -155,8 +256,7 @@ void mix_group(const at::Tensor& x3, at::Tensor& y3, const LengthGroup& g, int64
         }
       });
     } else {
-      at::Tensor Z = scratch(4, c * n * K, copts).narrow(0, 0, c * n * K).view({c, n, K});
-      at::_fft_c2c_out(Z, R, {1}, /*normalization=*/0, /*forward=*/true);
+      const at::Tensor& Z = R;
       const T* z = reinterpret_cast<const T*>(Z.data_ptr());
       T* y = y3.data_ptr<T>();
       const int64_t* idx = g.index.data() + c0;
@@ -182,13 +282,18 @@ at::Tensor fourier_mix_cpu(const at::Tensor& x_in, const std::optional<at::Tenso
   if (y.numel() == 0) return half ? y.to(x_in.scalar_type()) : y;
   at::Tensor x3 = x.view({s.batch, s.L, s.H});
   at::Tensor y3 = y.view({s.batch, s.L, s.H});
+  const int64_t gemm_max = gemm_max_len();
+  // Own MKL plans pay when there are sequences enough for every thread; a single long sequence
+  // goes to ATen's FFT, which threads inside the transform.
+  const bool own_plans = have_mkl_dft() && s.batch >= at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fourier_mix_cpu", [&] {
     for (const auto& g : groups) {
       if (g.n < s.L) {  // padding rows (all rows when n == 0) are zero
         for (int64_t b : g.index) y3[b].narrow(0, g.n, s.L - g.n).zero_();
       }
-      if (g.n > 0) mix_group<scalar_t>(x3, y3, g, s.L, s.H);
+      if (g.n > 0 && (g.n <= gemm_max || !own_plans)) mix_group<scalar_t>(x3, y3, g, s.L, s.H);
     }
+    if (own_plans) mix_sequences_mkl<scalar_t>(x3, y3, groups, s.L, s.H, gemm_max);
   });
   return half ? y.to(x_in.scalar_type()) : y;
 }
