@@ -203,3 +203,16 @@ def test_cuda_kernel_registered_when_built_with_cuda():
     if torch.version.cuda is None:
         pytest.skip("CPU-only torch: CUDA kernels are checked by `make cuda-check`")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("effnlp::fourier_mix", "CUDA")
+
+
+@pytest.mark.parametrize("env", [{"EFFNLP_FOURIER_NO_MKL": "1"}, {"EFFNLP_FOURIER_GEMM_MAX_L": "0"},
+                                 {"EFFNLP_FOURIER_GEMM_MAX_L": "1000"}], ids=str)
+def test_every_kernel_path_matches_reference(monkeypatch, env):
+    # The ATen-FFT fallback, the FFT path at every length, the DFT-GEMM path at every length.
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for shape, lengths in [((3, 40, 10), torch.tensor([40, 7, 0])), ((1, 33, 9), None),
+                           ((4, 8, 12), None)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(effnlp_ext.fourier_mix(x, lengths), fourier_mix_ref(x, lengths),
+                                   rtol=1e-11, atol=1e-11)
