@@ -24,6 +24,8 @@
 // With lengths, padding rows are written as zeros and never read.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -147,17 +149,31 @@ std::pair<at::Tensor, at::Tensor> dft_tables(int64_t n, at::ScalarType dtype) {
   return entry;
 }
 
-// y rows of one sequence from its transformed spectrum Z [n, K] (complex, interleaved).
+// y rows of one sequence from its transformed spectrum Z [n, K] (complex, interleaved):
+// real parts de-interleaved with AVX2, the mirrored half written with the lanes reversed.
 template <typename T>
 void write_from_spectrum(const T* Z, T* y, int64_t n, int64_t H, int64_t K, int64_t j0,
                          int64_t j1) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
   const int64_t mirror = H - K;
   for (int64_t j = j0; j < j1; ++j) {
     const T* zr = Z + 2 * j * K;
     const T* zm = Z + 2 * ((n - j) % n) * K;
     T* yr = y + j * H;
-    for (int64_t k = 0; k < K; ++k) yr[k] = zr[2 * k];
-    for (int64_t k = 1; k <= mirror; ++k) yr[H - k] = zm[2 * k];
+    int64_t k = 0;
+    for (; k + V <= K; k += V) {  // y[k .. k+V) = Re zr[k .. k+V)
+      auto re_im = at::vec::deinterleave2(Vec::loadu(zr + 2 * k), Vec::loadu(zr + 2 * k + V));
+      std::get<0>(re_im).store(yr + k);
+    }
+    for (; k < K; ++k) yr[k] = zr[2 * k];
+    // y[H-k] = Re zm[k] for k = 1..mirror: a block k .. k+V-1 lands reversed at H-k-V+1 .. H-k.
+    k = 1;
+    for (; k + V - 1 <= mirror; k += V) {
+      auto re_im = at::vec::deinterleave2(Vec::loadu(zm + 2 * k), Vec::loadu(zm + 2 * k + V));
+      at::vec::flip(std::get<0>(re_im)).store(yr + H - k - V + 1);
+    }
+    for (; k <= mirror; ++k) yr[H - k] = zm[2 * k];
   }
 }
 
