@@ -10,11 +10,11 @@ import torch
 
 from . import _C  # noqa: F401  registers torch.ops.effnlp.*
 from . import _ops
-from ._ops import kron_linear
+from ._ops import kron_linear, masked_linear, sparse_linear
 from . import kronecker
 from .kronecker import KronEmbedding, KronLinear
 
-__all__ = ["kron_linear", "kronecker", "KronLinear", "KronEmbedding", "has_cuda_kernels"]
+__all__ = ["kron_linear", "masked_linear", "sparse_linear", "kronecker", "KronLinear", "KronEmbedding", "has_cuda_kernels"]
 __version__ = "0.1.0"
 
 

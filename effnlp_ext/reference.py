@@ -44,3 +44,32 @@ def kron_linear_einsum(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         Y = torch.einsum("rnil,rkl->nik", U, B)       # (A X) B^T   [N, m1, m2]
     y = Y.reshape(*lead, m1 * m2)
     return y if bias is None else y + bias
+
+
+class StraightThroughMask(torch.autograd.Function):
+    """``1[scores > threshold]`` as a float mask whose gradient passes straight through to the
+    scores (the step function's derivative taken as 1), as in TAMT / edge-popup."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def masked_linear_ref(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                      threshold: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight * STE(scores > threshold), bias)``: the plain torch composition."""
+    return torch.nn.functional.linear(x, weight * StraightThroughMask.apply(scores, threshold), bias)
+
+
+def sparse_linear_ref(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      values: torch.Tensor, in_features: int,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with the CSR ``W`` densified."""
+    out = crow_indices.numel() - 1
+    W = torch.sparse_csr_tensor(crow_indices.long(), col_indices.long(), values,
+                                (out, in_features)).to_dense()
+    return torch.nn.functional.linear(x, W, bias)

@@ -7,5 +7,6 @@ propagation and autograd, where the backward is itself an op.
 from __future__ import annotations
 
 from .kron_linear import kron_linear
+from .masked_linear import masked_linear, sparse_linear
 
-__all__ = ["kron_linear"]
+__all__ = ["kron_linear", "masked_linear", "sparse_linear"]
