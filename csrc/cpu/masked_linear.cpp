@@ -1,8 +1,9 @@
 // CPU kernels of masked_linear (y = x @ (W * 1[S > t]).T + bias) and its straight-through backward.
 //
-// Forward: one vectorised pass writes the masked weight Wm = (S > t) ? W : 0 into a
-// per-thread scratch buffer that lives across calls (no fresh allocation, hence no page
-// faults, and nothing returned to autograd), then one BLAS call y = bias + x @ Wm.T.
+// Forward: in blocks of kBlock output rows, one vectorised pass writes that block of the masked
+// weight Wm = (S > t) ? W : 0 into a small per-thread scratch buffer that lives across calls
+// (it stays in cache, never page-faults, and nothing is returned to autograd), then one BLAS
+// call writes the block's columns of y = bias + x @ Wm.T. The full masked weight never exists.
 // The torch composition F.linear(x, W * STE(S > t)) instead writes a bool mask, a float
 // mask and the masked weight as fresh tensors, and keeps the float mask alive for backward.
 //
@@ -10,13 +11,14 @@
 //   G  = dY.T @ x                      (dL/dWm, one GEMM written straight into dS's buffer)
 //   dS = G * W                         (straight through the step function, as TAMT does)
 //   dW = G * 1[S > t]                  (only when W is trainable)
-//   dX = dY @ Wm                       (Wm recomputed from S into scratch: no saved mask)
+//   dX = dY @ Wm                       (Wm recomputed from S, kBlock input columns at a time)
 // dS and dW come out of a single fused pass over G, W and S.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -25,6 +27,10 @@
 
 namespace effnlp {
 namespace {
+
+// Rows (forward) or columns (backward dX) of the masked weight formed per BLAS call: enough for
+// an efficient GEMM, small enough for the block to stay in L2.
+constexpr int64_t kBlock = 128;
 
 bool needs_upcast(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
@@ -36,19 +42,23 @@ T* scratch(int64_t n) {
   return buffer.data();
 }
 
-// dst[i] = s[i] > t ? w[i] : 0 over n elements, in parallel.
+// dst[i] = s[i] > t ? w[i] : 0 for i < n (one thread).
 template <typename T>
-void mask_weight(const T* w, const T* s, T t, T* dst, int64_t n) {
+inline void mask_row(const T* w, const T* s, T t, T* dst, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
   const Vec vt(t);
-  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    int64_t i = b;
-    for (; i + Vec::size() <= e; i += Vec::size()) {
-      const Vec m = Vec::loadu(s + i) > vt;  // all-ones lanes where kept
-      (Vec::loadu(w + i) & m).store(dst + i);
-    }
-    for (; i < e; ++i) dst[i] = s[i] > t ? w[i] : T(0);
-  });
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec m = Vec::loadu(s + i) > vt;  // all-ones lanes where kept
+    (Vec::loadu(w + i) & m).store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = s[i] > t ? w[i] : T(0);
+}
+
+// The same over n elements, in parallel.
+template <typename T>
+void mask_weight(const T* w, const T* s, T t, T* dst, int64_t n) {
+  at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) { mask_row<T>(w + b, s + b, t, dst + b, e - b); });
 }
 
 // In place: g[i] -> g[i] * w[i] (dS); and dw[i] = s[i] > t ? g[i] : 0 when dw is given.
@@ -94,14 +104,20 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor x2 = x.reshape({N, in});
   const at::Tensor wc = weight.contiguous(), sc = scores.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_linear_cpu", [&] {
-    scalar_t* wm = scratch<scalar_t>(out * in);
-    mask_weight<scalar_t>(wc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
-                          static_cast<scalar_t>(threshold), wm, out * in);
-    const at::Tensor Wm = at::from_blob(wm, {out, in}, x.options());
-    if (has_bias) {
-      at::addmm_out(y2, *bias, x2, Wm.t());
-    } else {
-      at::mm_out(y2, x2, Wm.t());
+    const scalar_t t = static_cast<scalar_t>(threshold);
+    scalar_t* wm = scratch<scalar_t>(std::min(out, kBlock) * in);
+    for (int64_t o0 = 0; o0 < out; o0 += kBlock) {
+      const int64_t oc = std::min(kBlock, out - o0);
+      // Rows o0..o0+oc of W and S are contiguous: one masked block [oc, in].
+      mask_weight<scalar_t>(wc.data_ptr<scalar_t>() + o0 * in, sc.data_ptr<scalar_t>() + o0 * in, t,
+                            wm, oc * in);
+      const at::Tensor Wm = at::from_blob(wm, {oc, in}, x.options());
+      at::Tensor yb = y2.narrow(1, o0, oc);
+      if (has_bias) {
+        at::addmm_out(yb, bias->narrow(0, o0, oc), x2, Wm.t());
+      } else {
+        at::mm_out(yb, x2, Wm.t());
+      }
     }
   });
   return y;
@@ -135,10 +151,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
     if (mask[0]) {
       gx = at::empty(x.sizes(), x.options());
       if (gx.numel() > 0) {
-        scalar_t* wm = scratch<scalar_t>(out * in);
-        mask_weight<scalar_t>(wc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), t, wm, out * in);
         at::Tensor gx2 = gx.view({N, in});
-        at::mm_out(gx2, g2, at::from_blob(wm, {out, in}, x.options()));
+        if (out == 0) gx2.zero_();
+        scalar_t* wm = scratch<scalar_t>(out * std::min(in, kBlock));
+        for (int64_t c0 = 0; c0 < in && out > 0; c0 += kBlock) {
+          const int64_t cc = std::min(kBlock, in - c0);
+          // Columns c0..c0+cc of the masked weight: a [out, cc] block, row by row.
+          const scalar_t* w0 = wc.data_ptr<scalar_t>() + c0;
+          const scalar_t* s0 = sc.data_ptr<scalar_t>() + c0;
+          at::parallel_for(0, out, std::max<int64_t>(1, (1 << 15) / cc), [&](int64_t b, int64_t e) {
+            for (int64_t o = b; o < e; ++o) {
+              mask_row<scalar_t>(w0 + o * in, s0 + o * in, t, wm + o * cc, cc);
+            }
+          });
+          at::Tensor gxb = gx2.narrow(1, c0, cc);
+          at::mm_out(gxb, g2, at::from_blob(wm, {out, cc}, x.options()));
+        }
       }
     }
     if (mask[1] || mask[2]) {

@@ -53,9 +53,13 @@ void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, con
       T* xt = P.xt.data();
       if (P.block != blk) {
         // xT[k, j] = x[n0 + j, k]; lanes past the last token are zero.
-        for (int64_t j = 0; j < nb; ++j) {
-          const T* xr = x + (n0 + j) * in;
-          for (int64_t k = 0; k < in; ++k) xt[k * B + j] = xr[k];
+        // 8x8 tiles: both sides touch runs of 8 consecutive elements.
+        for (int64_t k0 = 0; k0 < in; k0 += 8) {
+          const int64_t k1 = std::min<int64_t>(in, k0 + 8);
+          for (int64_t j = 0; j < nb; ++j) {
+            const T* xr = x + (n0 + j) * in;
+            for (int64_t k = k0; k < k1; ++k) xt[k * B + j] = xr[k];
+          }
         }
         if (nb < B) {
           for (int64_t k = 0; k < in; ++k) std::fill(xt + k * B + nb, xt + (k + 1) * B, T(0));
@@ -82,10 +86,14 @@ void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, con
         a0.store(dst); a1.store(dst + V); a2.store(dst + 2 * V); a3.store(dst + 3 * V);
         a4.store(dst + 4 * V); a5.store(dst + 5 * V); a6.store(dst + 6 * V); a7.store(dst + 7 * V);
       }
-      for (int64_t j = 0; j < nb; ++j) {
-        T* yr = y + (n0 + j) * out;
-        for (int64_t o = o0; o < o1; ++o) {
-          yr[o] = tile[(o - o0) * B + j] + (bias ? bias[o] : T(0));
+      for (int64_t j0 = 0; j0 < nb; j0 += 8) {
+        const int64_t j1 = std::min<int64_t>(nb, j0 + 8);
+        for (int64_t ob = o0; ob < o1; ob += 8) {
+          const int64_t oe = std::min<int64_t>(o1, ob + 8);
+          for (int64_t j = j0; j < j1; ++j) {
+            T* yr = y + (n0 + j) * out;
+            for (int64_t o = ob; o < oe; ++o) yr[o] = tile[(o - o0) * B + j] + (bias ? bias[o] : T(0));
+          }
         }
       }
     }
