@@ -5,8 +5,9 @@
 // transposed once into a thread-local panel xT [in, B] (contiguous rows of B, in L2); each
 // output row o is then sum_p W[o, col_p] * xT[col_p, :], eight register accumulators fed
 // by one broadcast value and eight contiguous loads per nonzero. So every nonzero costs B
-// FMAs at full vector width with no gather, the ideal for an unstructured mask. Rows are
-// done in chunks whose results (a [chunk, B] tile) are transposed back into y with the bias.
+// FMAs at full vector width with no gather, the ideal for an unstructured mask. Accumulators
+// start at the bias; rows are done in chunks whose results (a [chunk, B] tile) are transposed
+// back into y. Both transposes go through 8x8 register tiles (at::vec::transpose_mxn).
 // The work is split over (token block, row chunk) tiles in block-major order, so a thread
 // re-transposes only when its block changes and small batches still use every core.
 #include <ATen/ATen.h>
@@ -33,6 +34,24 @@ Panel<T>& panel() {
   return p;
 }
 
+// dst[j, i] = src[i, j] for a [rows, cols] src (leading dims ld_src, ld_dst), 8x8 tiles.
+template <typename T>
+void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+    const int64_t mi = std::min<int64_t>(8, rows - i0);
+    for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+      const int64_t mj = std::min<int64_t>(8, cols - j0);
+      const T* s = src + i0 * ld_src + j0;
+      T* d = dst + j0 * ld_dst + i0;
+      if (mi == 8 && mj == 8) {
+        at::vec::transpose_mxn<T, 8, 8>(s, ld_src, d, ld_dst);
+      } else {
+        at::vec::transpose_mxn<T>(s, ld_src, d, ld_dst, static_cast<int>(mi), static_cast<int>(mj));
+      }
+    }
+  }
+}
+
 template <typename T>
 void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, const T* val,
                         const T* bias, T* y, int64_t N, int64_t in, int64_t out) {
@@ -53,14 +72,8 @@ void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, con
       T* xt = P.xt.data();
       if (P.block != blk) {
         // xT[k, j] = x[n0 + j, k]; lanes past the last token are zero.
-        // 8x8 tiles: both sides touch runs of 8 consecutive elements.
-        for (int64_t k0 = 0; k0 < in; k0 += 8) {
-          const int64_t k1 = std::min<int64_t>(in, k0 + 8);
-          for (int64_t j = 0; j < nb; ++j) {
-            const T* xr = x + (n0 + j) * in;
-            for (int64_t k = k0; k < k1; ++k) xt[k * B + j] = xr[k];
-          }
-        }
+        // x block [nb, in] -> xT [in, B] in 8x8 tiles (AVX2 shuffles for float).
+        transpose(x + n0 * in, in, xt, B, nb, in);
         if (nb < B) {
           for (int64_t k = 0; k < in; ++k) std::fill(xt + k * B + nb, xt + (k + 1) * B, T(0));
         }
@@ -69,7 +82,8 @@ void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, con
       const int64_t o0 = chunk * kChunk, o1 = std::min<int64_t>(out, o0 + kChunk);
       T* tile = P.tile.data();
       for (int64_t o = o0; o < o1; ++o) {
-        Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0)), a4(T(0)), a5(T(0)), a6(T(0)), a7(T(0));
+        const Vec init(bias ? bias[o] : T(0));
+        Vec a0 = init, a1 = init, a2 = init, a3 = init, a4 = init, a5 = init, a6 = init, a7 = init;
         for (int32_t p = crow[o]; p < crow[o + 1]; ++p) {
           const Vec v(val[p]);
           const T* r = xt + static_cast<int64_t>(col[p]) * B;
@@ -86,16 +100,8 @@ void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, con
         a0.store(dst); a1.store(dst + V); a2.store(dst + 2 * V); a3.store(dst + 3 * V);
         a4.store(dst + 4 * V); a5.store(dst + 5 * V); a6.store(dst + 6 * V); a7.store(dst + 7 * V);
       }
-      for (int64_t j0 = 0; j0 < nb; j0 += 8) {
-        const int64_t j1 = std::min<int64_t>(nb, j0 + 8);
-        for (int64_t ob = o0; ob < o1; ob += 8) {
-          const int64_t oe = std::min<int64_t>(o1, ob + 8);
-          for (int64_t j = j0; j < j1; ++j) {
-            T* yr = y + (n0 + j) * out;
-            for (int64_t o = ob; o < oe; ++o) yr[o] = tile[(o - o0) * B + j] + (bias ? bias[o] : T(0));
-          }
-        }
-      }
+      // tile [rows, B] (bias already in) -> y[n0.., o0..] [nb, rows], 8x8 tiles.
+      transpose(tile, B, y + n0 * out + o0, out, o1 - o0, nb);
     }
   });
 }
