@@ -25,6 +25,21 @@ TORCH_LIBRARY(effnlp, m) {
   // is self-adjoint (both DFT matrices are symmetric), so its backward is this op on the
   // output gradient.
   m.def("fourier_mix(Tensor x, Tensor? lengths=None) -> Tensor");
+
+  // y = x @ (weight * 1[scores > threshold]).T + bias: a linear layer whose weight is masked by
+  // thresholded real-valued scores (TAMT / lottery-ticket mask training).
+  //   x: [..., in], weight, scores: [out, in], bias: [out] -> y: [..., out]
+  // The backward is straight-through: dL/dscores = dL/d(weight*mask) * weight.
+  m.def("masked_linear(Tensor x, Tensor weight, Tensor scores, float threshold, Tensor? bias)"
+        " -> Tensor");
+  // Gradients of masked_linear w.r.t. (x, weight, scores, bias); the mask is recomputed from the
+  // scores. Entries whose mask is false come back as empty tensors.
+  m.def("_masked_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor scores,"
+        " float threshold, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // y = x @ W.T + bias with W [out, in] in CSR form (int32 crow_indices [out+1], col_indices and
+  // values [nnz]): the inference path of an exported sparse subnetwork.
+  m.def("sparse_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values,"
+        " int in_features, Tensor? bias) -> Tensor");
 }
 
 // `import effnlp_ext._C` loads this shared library, whose static initialisers register the ops.

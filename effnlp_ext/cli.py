@@ -9,6 +9,9 @@
   effnlp fnet convert --out DIR                      BERT -> FNet (self-attention -> Fourier mixing)
   effnlp fnet finetune [--init base|teacher] [--train-size N]          fine-tune MiniLM-FNet on a task
   effnlp bench-fnet [--quick]                        the fourier_mix benchmark tables
+  effnlp tamt bench [--full] [--json PATH]            masked_linear / exported sparse_linear tables
+  effnlp tamt prune --sparsity 0.7 [--init omp|random] [--out DIR]  prune the MiniLM, mask report
+  effnlp tamt sweep [--sparsities 0.5 0.7 0.9] [--out DIR]  dense vs OMP vs TAMT on SST-2 dev
 """
 from __future__ import annotations
 
@@ -133,6 +136,45 @@ def bench_fnet(quick: bool) -> str:
                          else model_latency())
 
 
+def tamt(args) -> int:
+    if args.tamt_cmd == "bench":
+        from .benchmarking import machine_info
+        from .tamt.benchmark import (QUICK_SPARSE_CASES, QUICK_TRAIN_CASES, SPARSE_CASES,
+                                     TRAIN_CASES, render, run_sparse_case, run_train_case)
+
+        rows = []
+        for case in (TRAIN_CASES if args.full else QUICK_TRAIN_CASES):
+            rows += run_train_case(*case, 0.7, quick=not args.full)
+        for case in (SPARSE_CASES if args.full else QUICK_SPARSE_CASES):
+            rows += run_sparse_case(*case, 0.9, quick=not args.full)
+        meta = machine_info()
+        if args.json:
+            Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(render(meta, rows))
+        return 0
+    if args.tamt_cmd == "prune":
+        import torch
+
+        from .tamt.pruning import sparsity_report
+        from .tamt.recipe import TamtConfig, find_mask
+
+        cfg = TamtConfig(sparsity=args.sparsity, init=args.init, objective=args.objective,
+                         scope=args.scope, mask_train_size=args.train_size)
+        masks = find_mask(cfg, args.data_dir, args.out)
+        rep = sparsity_report(masks)
+        print(json.dumps({"overall_sparsity": rep["overall"], "per_layer": rep["per_layer"]}, indent=1))
+        print(f"masks saved to {Path(args.out) / 'masks.pt'} ({len(masks)} matrices, "
+              f"{sum(int(m.sum()) for m in masks.values())} weights kept); torch {torch.__version__}")
+        return 0
+    from .tamt.sweep import format_sweep, run_sweep
+
+    summary = run_sweep(args.out, args.data_dir, args.sparsities, scope=args.scope,
+                        mask_train_size=args.mask_train_size, finetune_size=args.finetune_size,
+                        finetune_epochs=args.finetune_epochs)
+    print(format_sweep(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="effnlp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,6 +235,28 @@ def main(argv: list[str] | None = None) -> int:
     ff.add_argument("--out", type=Path, default=None)
     bf = sub.add_parser("bench-fnet", help="fourier_mix benchmark tables")
     bf.add_argument("--quick", action="store_true")
+    tm = sub.add_parser("tamt", help="TAMT lottery tickets: bench, prune, SST-2 sweep")
+    tsub = tm.add_subparsers(dest="tamt_cmd", required=True)
+    tb = tsub.add_parser("bench", help="masked_linear and exported sparse_linear vs torch")
+    tb.add_argument("--full", action="store_true")
+    tb.add_argument("--json", help="also write the rows as JSON here")
+    tp = tsub.add_parser("prune", help="find a mask of the offline MiniLM and save it")
+    tp.add_argument("--sparsity", type=float, default=0.7)
+    tp.add_argument("--init", choices=["omp", "random"], default="omp")
+    tp.add_argument("--objective", choices=["none", "kd", "mlm"], default="none",
+                    help="none: the initial mask (OMP); kd/mlm: train the scores on SST-2 text")
+    tp.add_argument("--scope", choices=["layer", "global"], default="layer")
+    tp.add_argument("--train-size", type=int, default=6000)
+    tp.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    tp.add_argument("--out", type=Path, required=True)
+    tw = tsub.add_parser("sweep", help="dense vs OMP vs TAMT fine-tuned on SST-2")
+    tw.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    tw.add_argument("--scope", choices=["layer", "global"], default="layer")
+    tw.add_argument("--mask-train-size", type=int, default=6000)
+    tw.add_argument("--finetune-size", type=int, default=8000)
+    tw.add_argument("--finetune-epochs", type=float, default=1.0)
+    tw.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    tw.add_argument("--out", type=Path, default=Path("runs") / "tamt-sst2")
     args = p.parse_args(argv)
     if args.cmd == "demo":
         return demo(args)
@@ -212,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench-fnet":
         print(bench_fnet(args.quick))
         return 0
+    if args.cmd == "tamt":
+        return tamt(args)
     if args.cmd == "bench-kron":
         print(bench_kron(args.full, args.json))
         return 0

@@ -73,3 +73,32 @@ def fourier_mix_rfft(x: torch.Tensor) -> torch.Tensor:
     rows = (-torch.arange(L, device=x.device)) % L                 # j -> (L - j) mod L
     mirror = Z.index_select(-2, rows)[..., 1:H - K + 1].flip(-1)   # columns H-K+1 .. H-1
     return torch.cat([Z, mirror], dim=-1)
+
+
+class StraightThroughMask(torch.autograd.Function):
+    """``1[scores > threshold]`` as a float mask whose gradient passes straight through to the
+    scores (the step function's derivative taken as 1), as in TAMT / edge-popup."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def masked_linear_ref(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                      threshold: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight * STE(scores > threshold), bias)``: the plain torch composition."""
+    return torch.nn.functional.linear(x, weight * StraightThroughMask.apply(scores, threshold), bias)
+
+
+def sparse_linear_ref(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      values: torch.Tensor, in_features: int,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with the CSR ``W`` densified."""
+    out = crow_indices.numel() - 1
+    W = torch.sparse_csr_tensor(crow_indices.long(), col_indices.long(), values,
+                                (out, in_features)).to_dense()
+    return torch.nn.functional.linear(x, W, bias)

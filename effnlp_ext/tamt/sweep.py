@@ -1,0 +1,77 @@
+"""The SST-2 comparison behind the README table: dense vs OMP vs TAMT at several sparsities,
+every model fine-tuned on the same subset with the same schedule; plus the mask analysis
+(per-layer sparsity, OMP-vs-TAMT Jaccard). Used by experiments/tamt_sst2.py and `effnlp tamt sweep`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .pruning import mask_overlap, sparsity_report
+from .recipe import TamtConfig, finetune, find_mask
+
+
+def _short(name: str) -> str:
+    return (name.replace("encoder.layer.", "L").replace(".attention.self.", ".")
+            .replace(".attention.output.dense", ".attn_out").replace(".intermediate.dense", ".ffn_in")
+            .replace(".output.dense", ".ffn_out").replace("pooler.dense", "pooler"))
+
+
+def run_sweep(out, data_dir, sparsities=(0.5, 0.7, 0.9), **overrides) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = TamtConfig(**overrides)
+    summary = {"config": {k: v for k, v in vars(base).items() if k != "extra"}, "rows": []}
+    summary["config"]["threads"] = torch.get_num_threads()
+
+    def save():
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+    dense = finetune(base, None, data_dir, out / "dense")
+    summary["dense"] = dense["dev_accuracy"]
+    save()
+    for s in sparsities:
+        tag = f"s{int(round(s * 100))}"
+        row = {"sparsity": s}
+        omp_cfg = replace(base, sparsity=s, objective="none")
+        omp_masks = find_mask(omp_cfg, data_dir, out / f"{tag}-omp-mask")
+        omp = finetune(omp_cfg, omp_masks, data_dir, out / f"{tag}-omp-ft")
+        row["omp"] = omp["dev_accuracy"]
+        row["omp_exported"] = omp.get("exported_dev_accuracy")
+        summary["rows"].append(row)
+        save()
+        tamt_cfg = replace(base, sparsity=s, objective="kd")
+        tamt_masks = find_mask(tamt_cfg, data_dir, out / f"{tag}-tamt-mask")
+        tamt = finetune(tamt_cfg, tamt_masks, data_dir, out / f"{tag}-tamt-ft")
+        row["tamt"] = tamt["dev_accuracy"]
+        row["tamt_exported"] = tamt.get("exported_dev_accuracy")
+        row["ms_b32_exported"] = tamt.get("ms_b32_exported")
+        row["ms_b32_dense_baked"] = tamt.get("ms_b32_dense_baked")
+        ov = mask_overlap(omp_masks, tamt_masks)
+        row["jaccard_omp_tamt"] = ov["overall"]
+        row["jaccard_per_layer"] = {_short(k): round(v, 3) for k, v in ov["per_layer"].items()}
+        row["sparsity_per_layer_omp"] = {_short(k): round(v, 3) for k, v in
+                                         sparsity_report(omp_masks)["per_layer"].items()}
+        row["sparsity_per_layer_tamt"] = {_short(k): round(v, 3) for k, v in
+                                          sparsity_report(tamt_masks)["per_layer"].items()}
+        save()
+    return summary
+
+
+def format_sweep(summary: dict) -> str:
+    c = summary["config"]
+    lines = [f"SST-2 dev accuracy (872 sentences); fine-tuned on {c['finetune_size']} train sentences "
+             f"x {c['finetune_epochs']} epoch(s), lr {c['finetune_lr']}, max_length {c['max_length']}; "
+             f"TAMT masks trained with KD on {c['mask_train_size']} unlabeled train sentences",
+             "", f"dense fine-tuned (same recipe): {100 * summary['dense']:.2f}", "",
+             "| sparsity | OMP | TAMT (KD) | Jaccard OMP-TAMT | exported = masked |",
+             "|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        tamt = f"{100 * r['tamt']:.2f}" if "tamt" in r else "-"
+        jac = f"{r['jaccard_omp_tamt']:.3f}" if "jaccard_omp_tamt" in r else "-"
+        same = all(r.get(k) == r.get(k + "_exported") for k in ("omp", "tamt") if k in r)
+        lines.append(f"| {int(r['sparsity'] * 100)}% | {100 * r['omp']:.2f} | {tamt} | {jac} | {same} |")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""TAMT on SST-2 with the offline MiniLM-L6: dense vs OMP vs TAMT (KD mask training) subnetworks
+at 50/70/90% sparsity, all fine-tuned the same way; writes <out>/summary.json and prints the
+table. Every stage resumes (or is skipped when done), so re-running the command continues.
+
+    OMP_NUM_THREADS=1 python experiments/tamt_sst2.py --sparsities 0.7 0.5 0.9
+
+(effnlp tamt sweep runs the same thing.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from effnlp_ext.cli import _default_data_dir  # noqa: E402
+from effnlp_ext.tamt.sweep import run_sweep, format_sweep  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=Path("experiments/runs/tamt-sst2-layer"))
+    p.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    p.add_argument("--mask-train-size", type=int, default=6000)
+    p.add_argument("--finetune-size", type=int, default=8000)
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--scope", choices=["layer", "global"], default="layer",
+                   help="top-k per matrix (every matrix at the target sparsity) or over all")
+    args = p.parse_args()
+    summary = run_sweep(args.out, args.data_dir, args.sparsities, mask_train_size=args.mask_train_size,
+                        finetune_size=args.finetune_size, finetune_epochs=args.finetune_epochs,
+                        scope=args.scope)
+    print(format_sweep(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
