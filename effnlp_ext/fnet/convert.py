@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..checkpoint import load_saved_weights
 from .modules import FourierMixing
 
 CONFIG_KEY = "effnlp_fnet"
@@ -72,16 +73,5 @@ def load_fnet(path: str | Path, model_class=None) -> nn.Module:
     # Build the FNet skeleton first, then load: the checkpoint has no attention projections.
     model = model_class(config)
     bert_to_fnet(model, **settings)
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"load_fnet: checkpoint does not fit the FNet model; missing "
-                           f"{missing[:5]}, unexpected {unexpected[:5]}")
+    load_saved_weights(model, path, "load_fnet")
     return model.eval()

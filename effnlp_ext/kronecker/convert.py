@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import load_saved_weights
 from .decompose import DEFAULT_MIN_SPEEDUP, kron_flops, kroneckerbert_shapes
 from .modules import KronEmbedding, KronLinear
 
@@ -188,21 +189,6 @@ def save_compressed(model: nn.Module, path: str | Path) -> None:
     (path / _META_FILE).write_text(json.dumps(meta, indent=1))
 
 
-def _saved_state_dict(path: Path) -> dict:
-    """The state dict of a ``save_pretrained`` directory (single or sharded safetensors)."""
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    state = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    return state
-
-
 def load_compressed(path: str | Path) -> nn.Module:
     """Rebuild a model written by ``save_compressed`` (architecture from its config, factored
     layers from ``kronecker.json``, weights from the checkpoint), in eval mode."""
@@ -227,13 +213,7 @@ def load_compressed(path: str | Path) -> nn.Module:
             module = KronEmbedding(**spec)
         _set_module(model, name, module)
     model.to(dtype)
-    state = _saved_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"load_compressed: checkpoint does not fit the rebuilt model; "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_saved_weights(model, path, "load_compressed")
     for entry in meta["report"]["layers"]:
         model.get_submodule(entry["name"]).rel_error = entry["rel_error"]
     model.kron_report = meta["report"]
