@@ -40,6 +40,12 @@ TORCH_LIBRARY(effnlp, m) {
   // values [nnz]): the inference path of an exported sparse subnetwork.
   m.def("sparse_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values,"
         " int in_features, Tensor? bias) -> Tensor");
+
+  // Word tokenisation + hashing of raw text for the DAN student (rules in effnlp/word_hash.h):
+  // text: uint8 [n] UTF-8 bytes of B documents, offsets: int64 [B] (document b is
+  // text[offsets[b] : offsets[b+1]], the last one ends at n) -> (ids int64 [T], id_offsets
+  // int64 [B]): each token's 63-bit FNV-1a id, per document, in text order. CPU only.
+  m.def("hash_words(Tensor text, Tensor offsets) -> (Tensor, Tensor)");
 }
 
 // `import effnlp_ext._C` loads this shared library, whose static initialisers register the ops.

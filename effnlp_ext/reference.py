@@ -102,3 +102,45 @@ def sparse_linear_ref(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: 
     W = torch.sparse_csr_tensor(crow_indices.long(), col_indices.long(), values,
                                 (out, in_features)).to_dense()
     return torch.nn.functional.linear(x, W, bias)
+
+
+_FNV_OFFSET, _FNV_PRIME, _MASK64 = 14695981039346656037, 1099511628211, (1 << 64) - 1
+
+
+def _byte_class(b: int) -> int:
+    """0 separator, 1 word byte, 2 symbol (csrc/include/effnlp/word_hash.h)."""
+    if b <= 0x20 or b == 0x7F:
+        return 0
+    if b >= 0x80 or b == 0x27 or 0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A:
+        return 1
+    return 2
+
+
+def _fnv_token(token: bytes) -> int:
+    h = _FNV_OFFSET
+    for b in token.lower():
+        h = ((h ^ b) * _FNV_PRIME) & _MASK64
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def hash_words_reference(texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-Python ``hash_words``: byte classes, ASCII lower-casing and FNV-1a per token."""
+    ids, offsets = [], []
+    for text in texts:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        offsets.append(len(ids))
+        i = 0
+        while i < len(data):
+            c = _byte_class(data[i])
+            if c == 0:
+                i += 1
+            elif c == 2:
+                ids.append(_fnv_token(data[i:i + 1]))
+                i += 1
+            else:
+                j = i
+                while j < len(data) and _byte_class(data[j]) == 1:
+                    j += 1
+                ids.append(_fnv_token(data[i:j]))
+                i = j
+    return torch.tensor(ids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)

@@ -7,7 +7,8 @@ propagation and autograd, where the backward is itself an op.
 from __future__ import annotations
 
 from .fourier_mix import fourier_mix
+from .hash_words import hash_words
 from .kron_linear import kron_linear
 from .masked_linear import masked_linear, sparse_linear
 
-__all__ = ["fourier_mix", "kron_linear", "masked_linear", "sparse_linear"]
+__all__ = ["fourier_mix", "hash_words", "kron_linear", "masked_linear", "sparse_linear"]
