@@ -61,6 +61,7 @@ class TrainConfig:
     amp: str | None = None             # None, "bf16" or "fp16"; ignored on CPU
     device: str | None = None          # default: cuda:LOCAL_RANK when available, else cpu
     ddp_find_unused_parameters: bool = False
+    sparse_lr: float | None = None     # SparseAdam's lr for sparse-gradient tables (default: lr)
 
     def __post_init__(self):
         if self.grad_accum_steps < 1 or self.batch_size < 1:
@@ -84,11 +85,27 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
     return factor
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed and not decayed (biases, norm weights, 1-D)."""
+def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters whose gradients are sparse: ``model.sparse_parameters()`` when the model
+    declares them (e.g. the DAN's n-gram table), plus ``nn.Embedding``/``nn.EmbeddingBag``
+    weights built with ``sparse=True``. They are trained by SparseAdam, not AdamW."""
+    found: dict[int, nn.Parameter] = {}
+    declared = getattr(model, "sparse_parameters", None)
+    if callable(declared):
+        found.update({id(p): p for p in declared()})
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
+            found[id(m.weight)] = m.weight
+    return [p for p in found.values() if p.requires_grad]
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()
+                 ) -> list[dict]:
+    """Trainable parameters split into decayed and not decayed (biases, norm weights, 1-D),
+    leaving out the parameters whose ``id`` is in ``exclude``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in exclude:
             continue
         lowered = name.lower()
         if p.ndim < 2 or lowered.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered:
@@ -213,11 +230,22 @@ class Trainer:
             raise ValueError("nothing to train: total optimizer steps is 0")
         warmup = config.warmup_steps or int(math.ceil(config.warmup_ratio * self.total_steps))
         self.warmup_steps = warmup
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay),
-                                           lr=config.lr, betas=config.adam_betas,
-                                           eps=config.adam_eps)
+        # Sparse-gradient tables go to SparseAdam (AdamW rejects sparse gradients), everything
+        # else to AdamW; both follow the same warmup/decay schedule.
+        sparse = sparse_parameters(self.model)
+        self.sparse_params = sparse
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config.weight_decay, {id(p) for p in sparse}),
+            lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_warmup_decay(warmup, self.total_steps))
+        self.sparse_optimizer = self.sparse_scheduler = None
+        if sparse:
+            self.sparse_optimizer = torch.optim.SparseAdam(
+                sparse, lr=config.sparse_lr if config.sparse_lr is not None else config.lr,
+                betas=config.adam_betas, eps=config.adam_eps)
+            self.sparse_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.sparse_optimizer, linear_warmup_decay(warmup, self.total_steps))
         use_amp = config.amp is not None and self.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) \
             if use_amp else None
@@ -288,6 +316,9 @@ class Trainer:
                  "rng": _rng_state(), "config": asdict(self.config)}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.sparse_optimizer is not None:
+            state["sparse_optimizer"] = self.sparse_optimizer.state_dict()
+            state["sparse_scheduler"] = self.sparse_scheduler.state_dict()
         _atomic_torch_save(state, self._path(CHECKPOINT_NAME))
 
     def load_checkpoint(self) -> bool:
@@ -303,6 +334,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
+            self.sparse_scheduler.load_state_dict(state["sparse_scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
@@ -396,7 +430,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if clip is not None and clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            sparse = {id(p) for p in self.sparse_params}
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if id(p) not in sparse], clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -404,6 +440,10 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.step()
+            self.sparse_scheduler.step()
+            self.sparse_optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
     def train(self, resume: bool = False) -> dict[str, Any]:
@@ -421,6 +461,8 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
         self.wrapped.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.zero_grad(set_to_none=True)
         accum, micro = cfg.grad_accum_steps, 0
         window: dict[str, list[float]] = {}
         try:

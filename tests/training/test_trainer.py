@@ -206,3 +206,57 @@ def test_cuda_autocast_trains_and_resumes(tmp_path, amp):
 def test_cpu_ignores_amp(tmp_path):
     trainer = Trainer(TinyMLP(), _config(tmp_path, amp="bf16"), train_dataset=make_data(16))
     assert trainer.amp_dtype is None and trainer.scaler is None
+
+
+class _BagClassifier(torch.nn.Module):
+    """A sparse-gradient table (EmbeddingBag, sparse=True) under a dense head."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(50, 8, mode="mean", sparse=True)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, ids, labels):
+        logits = self.head(self.bag(ids))
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def _bag_data(n=24):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (n, 5), generator=g)
+    return [{"ids": ids[i], "labels": (ids[i, 0] % 2)} for i in range(n)]
+
+
+def test_sparse_tables_train_with_sparse_adam_and_resume(tmp_path):
+    """Sparse-gradient tables go to SparseAdam (AdamW refuses them), are left out of clipping,
+    and a crashed run resumes to the same parameters, SparseAdam state included."""
+    data = _bag_data()
+
+    def run(out, crash_at=None, resume=False):
+        torch.manual_seed(0)
+        model = _BagClassifier()
+        calls = {"n": 0}
+
+        def step_fn(m, batch):
+            calls["n"] += 1
+            if crash_at is not None and calls["n"] == crash_at:
+                raise _Crash
+            return m(**batch)
+
+        cfg = _config(out, max_steps=9, save_every=3, sparse_lr=5e-2, max_grad_norm=0.5)
+        trainer = Trainer(model, cfg, train_dataset=data, step_fn=step_fn)
+        return trainer, trainer.train(resume=resume)
+
+    ref, _ = run(tmp_path / "ref")
+    assert isinstance(ref.sparse_optimizer, torch.optim.SparseAdam)
+    assert ref.sparse_params == [ref.model.bag.weight]
+    assert all(p is not ref.model.bag.weight for g in ref.optimizer.param_groups for p in g["params"])
+    assert ref.sparse_optimizer.param_groups[0]["lr"] < 5e-2  # follows the decay schedule
+    torch.manual_seed(0)
+    init = _BagClassifier()
+    assert not torch.equal(init.bag.weight, ref.model.bag.weight)
+    with pytest.raises(_Crash):
+        run(tmp_path / "run", crash_at=5)
+    resumed, _ = run(tmp_path / "run", resume=True)
+    for k, v in ref.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=1e-6)
