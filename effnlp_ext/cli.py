@@ -123,6 +123,40 @@ def fnet(args) -> int:
     return 0
 
 
+def dan(args) -> int:
+    if args.dan_cmd == "count":
+        import time
+
+        from .dan import NgramVocab, count_ngrams, pruning_table
+        from .data import load_task
+
+        texts = [e.text_a for e in load_task(args.task, args.split, args.data_dir)]
+        t0 = time.perf_counter()
+        counts = count_ngrams(texts, args.orders)
+        seconds = time.perf_counter() - t0
+        res = {"task": args.task, "split": args.split, "docs": len(texts),
+               "orders": args.orders, "distinct_ngrams": len(counts),
+               "occurrences": counts.occurrences, "count_seconds": round(seconds, 2),
+               "pruning": pruning_table(counts, args.min_counts)}
+        if args.eval_split:
+            heldout = [e.text_a for e in load_task(args.task, args.eval_split, args.data_dir)]
+            for row in res["pruning"]:
+                vocab = NgramVocab.from_counts(counts, min_count=row["min_count"])
+                row[f"{args.eval_split}_coverage"] = vocab.coverage(heldout)
+        print(json.dumps(res, indent=2))
+        return 0
+    from .dan.recipe import SparseDistillConfig, distill_dan
+
+    cfg = SparseDistillConfig(task=args.task, train_size=args.train_size or None, vocab=args.vocab,
+                              num_rows=args.num_rows, min_count=args.min_count, dim=args.dim,
+                              hidden=args.hidden, orders=tuple(args.orders),
+                              kd_epochs=args.kd_epochs, ft_epochs=args.ft_epochs,
+                              kd_loss=args.kd_loss, lr=args.lr, sparse_lr=args.sparse_lr)
+    out = args.out or Path("runs") / f"dan-{args.task}-{args.vocab}-{args.num_rows}x{args.dim}"
+    print(json.dumps(distill_dan(cfg, args.data_dir, out, eval_split=args.eval_split), indent=2))
+    return 0
+
+
 def bench_fnet(quick: bool) -> str:
     from .benchmarking import machine_info
     from .fnet.benchmark import SHAPES, crossover, model_latency, render_tables, run_case
@@ -233,6 +267,32 @@ def main(argv: list[str] | None = None) -> int:
     ff.add_argument("--lr", type=float, default=1e-4)
     ff.add_argument("--data-dir", type=Path, default=_default_data_dir())
     ff.add_argument("--out", type=Path, default=None)
+    dn = sub.add_parser("dan", help="sparse distillation: n-gram DAN student of a teacher")
+    dsub = dn.add_subparsers(dest="dan_cmd", required=True)
+    dc = dsub.add_parser("count", help="count a corpus's n-grams: vocabulary size vs pruning")
+    dc.add_argument("--task", default="imdb")
+    dc.add_argument("--split", default="train")
+    dc.add_argument("--eval-split", default=None, help="also report coverage of this split")
+    dc.add_argument("--orders", type=int, nargs="+", default=[1, 2, 3])
+    dc.add_argument("--min-counts", type=int, nargs="+", default=[1, 2, 3, 5, 10, 20])
+    dc.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    dd = dsub.add_parser("distill", help="teacher logits -> DAN distillation -> gold fine-tune")
+    dd.add_argument("--task", default="sst2")
+    dd.add_argument("--eval-split", default="dev")
+    dd.add_argument("--train-size", type=int, default=0, help="seeded train subset; 0: all")
+    dd.add_argument("--vocab", choices=["hash", "exact"], default="hash")
+    dd.add_argument("--num-rows", type=int, default=1 << 20, help="buckets, or top-K n-grams")
+    dd.add_argument("--min-count", type=int, default=1)
+    dd.add_argument("--dim", type=int, default=256)
+    dd.add_argument("--hidden", type=int, default=256)
+    dd.add_argument("--orders", type=int, nargs="+", default=[1, 2, 3])
+    dd.add_argument("--kd-epochs", type=float, default=4.0)
+    dd.add_argument("--ft-epochs", type=float, default=1.0)
+    dd.add_argument("--kd-loss", choices=["mse", "kl"], default="mse")
+    dd.add_argument("--lr", type=float, default=1e-3)
+    dd.add_argument("--sparse-lr", type=float, default=1e-2)
+    dd.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    dd.add_argument("--out", type=Path, default=None)
     bf = sub.add_parser("bench-fnet", help="fourier_mix benchmark tables")
     bf.add_argument("--quick", action="store_true")
     tm = sub.add_parser("tamt", help="TAMT lottery tickets: bench, prune, SST-2 sweep")
@@ -273,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         return kron(args)
     if args.cmd == "fnet":
         return fnet(args)
+    if args.cmd == "dan":
+        return dan(args)
     if args.cmd == "bench-fnet":
         print(bench_fnet(args.quick))
         return 0
