@@ -9,5 +9,7 @@ from __future__ import annotations
 from .fourier_mix import fourier_mix
 from .kron_linear import kron_linear
 from .masked_linear import masked_linear, sparse_linear
+from .ngram_bag import build_vocab_table, ngram_bag, ngram_ids
 
-__all__ = ["fourier_mix", "kron_linear", "masked_linear", "sparse_linear"]
+__all__ = ["build_vocab_table", "fourier_mix", "kron_linear", "masked_linear", "ngram_bag",
+           "ngram_ids", "sparse_linear"]
