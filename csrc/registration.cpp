@@ -46,6 +46,34 @@ TORCH_LIBRARY(effnlp, m) {
   // text[offsets[b] : offsets[b+1]], the last one ends at n) -> (ids int64 [T], id_offsets
   // int64 [B]): each token's 63-bit FNV-1a id, per document, in text order. CPU only.
   m.def("hash_words(Tensor text, Tensor offsets) -> (Tensor, Tensor)");
+
+  // Hashed n-gram embedding bag (fastText / DAN input layer) in one pass: hash every n-gram of
+  // every document, gather its row of weight, reduce per document; the ids never exist.
+  //   tokens: int64 [N] (>= 0), offsets: int64 [B] (document starts, like F.embedding_bag without
+  //   include_last_offset), orders: distinct n-gram orders >= 1 (n-grams stay within a
+  //   document), weight: [unigram_rows + num_buckets, D] -> [B, D]; mode 0 = sum, 1 = mean over
+  //   the kept n-grams (an empty document gives zeros). Order 1 maps to row = token when
+  //   unigram_rows > 0; every other n-gram to unigram_rows + (hash >> 1) % num_buckets. With
+  //   (vocab_keys, vocab_rows), an open-addressing table of the full hashes, every n-gram is
+  //   looked up instead (unigram_rows = num_buckets = 0) and absent ones are dropped. Hash and
+  //   table: include/effnlp/ngram_hash.h. sparse only selects the gradient's layout (as in
+  //   aten::embedding_bag): a coalesced sparse COO tensor, or dense.
+  m.def("ngram_bag(Tensor tokens, Tensor offsets, Tensor weight, int[] orders, int num_buckets,"
+        " int unigram_rows, int mode, Tensor? vocab_keys=None, Tensor? vocab_rows=None,"
+        " bool sparse=True) -> Tensor");
+  // The rows ngram_bag gathers, per document by position then by increasing order (dropped
+  // n-grams left out), and id_offsets [B] such that F.embedding_bag(ids, weight, id_offsets)
+  // equals ngram_bag. With num_buckets = unigram_rows = 0 and no vocabulary the ids are the raw
+  // 64-bit hashes (as int64): the keys a vocabulary is built from.
+  m.def("ngram_ids(Tensor tokens, Tensor offsets, int[] orders, int num_buckets,"
+        " int unigram_rows=0, Tensor? vocab_keys=None, Tensor? vocab_rows=None)"
+        " -> (Tensor ids, Tensor id_offsets)");
+  // Gradient of ngram_bag w.r.t. weight [num_weights, D] as a coalesced sparse matrix: the
+  // distinct rows hit, ascending [nnz], and their summed gradient rows [nnz, D]. Bitwise
+  // deterministic (each row is summed over its (n-gram, document) pairs in a fixed order).
+  m.def("_ngram_bag_backward(Tensor grad, Tensor tokens, Tensor offsets, int[] orders,"
+        " int num_buckets, int unigram_rows, int mode, int num_weights, Tensor? vocab_keys,"
+        " Tensor? vocab_rows) -> (Tensor rows, Tensor values)");
 }
 
 // `import effnlp_ext._C` loads this shared library, whose static initialisers register the ops.

@@ -10,12 +10,14 @@ import torch
 
 from . import _C  # noqa: F401  registers torch.ops.effnlp.*
 from . import _ops
-from ._ops import fourier_mix, hash_words, kron_linear, masked_linear, sparse_linear
-from . import fnet, kronecker
+from ._ops import (build_vocab_table, fourier_mix, hash_words, kron_linear, masked_linear,
+                   ngram_bag, ngram_ids, sparse_linear)
+from . import dan, fnet, kronecker
 from .kronecker import KronEmbedding, KronLinear
 
-__all__ = ["fourier_mix", "hash_words", "kron_linear", "masked_linear", "sparse_linear", "fnet", "kronecker",
-           "KronLinear", "KronEmbedding", "has_cuda_kernels"]
+__all__ = ["build_vocab_table", "fourier_mix", "hash_words", "kron_linear", "masked_linear",
+           "ngram_bag", "ngram_ids", "sparse_linear", "dan", "fnet", "kronecker", "KronLinear",
+           "KronEmbedding", "has_cuda_kernels"]
 __version__ = "0.1.0"
 
 

@@ -144,3 +144,143 @@ def hash_words_reference(texts) -> tuple[torch.Tensor, torch.Tensor]:
                 ids.append(_fnv_token(data[i:j]))
                 i = j
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
+
+# ---------------------------------------------------------------------------------------------
+# Hashed n-gram bags (ngram_ids / ngram_bag): the hash of csrc/include/effnlp/ngram_hash.h,
+# once on Python ints (the definition) and once in int64 torch ops (vectorised, bit for bit the
+# same: int64 multiplication wraps like uint64's, and right shifts are made logical by masking).
+
+def _as_int64(c: int) -> int:
+    """The int64 with the bits of the uint64 ``c``."""
+    c &= (1 << 64) - 1
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+NGRAM_BASIS = 0xcbf29ce484222325      # FNV-1a 64-bit offset basis
+NGRAM_PRIME = 0x00000100000001b3      # FNV-1a 64-bit prime
+NGRAM_ORDER_MIX = 0x9e3779b97f4a7c15  # 2^64 / golden ratio
+NGRAM_MIX1 = 0xff51afd7ed558ccd       # murmur3 fmix64
+NGRAM_MIX2 = 0xc4ceb9fe1a85ec53
+NGRAM_EMPTY_KEY = -(1 << 63)          # an empty slot of a vocabulary table (INT64_MIN)
+_U64 = (1 << 64) - 1
+
+
+def ngram_hash_py(window) -> int:
+    """The 64-bit hash (as an unsigned Python int) of one n-gram, a sequence of token ids >= 0::
+
+        h = BASIS; for t in window: h = (h ^ t) * PRIME          (FNV-1a over 64-bit tokens)
+        h ^= len(window) * ORDER_MIX
+        h ^= h >> 33; h *= MIX1; h ^= h >> 33; h *= MIX2; h ^= h >> 33   (murmur3 fmix64)
+
+    all mod 2^64. Its table row is ``U + (h >> 1) % K``; ``ngram_ids`` with ``K = U = 0``
+    returns it as an int64 (``_as_int64``)."""
+    h = NGRAM_BASIS
+    for t in window:
+        h = ((h ^ t) * NGRAM_PRIME) & _U64
+    return _ngram_finish_py(h, len(window))
+
+
+def _ngram_finish_py(h: int, order: int) -> int:
+    h ^= (order * NGRAM_ORDER_MIX) & _U64
+    h ^= h >> 33
+    h = (h * NGRAM_MIX1) & _U64
+    h ^= h >> 33
+    h = (h * NGRAM_MIX2) & _U64
+    return h ^ (h >> 33)
+
+
+def _lshr(h: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 ``h`` by ``k`` (torch's ``>>`` is arithmetic)."""
+    return (h >> k) & ((1 << (64 - k)) - 1)
+
+
+def _ngram_finish(h: torch.Tensor, order: int) -> torch.Tensor:
+    h = h ^ _as_int64(order * NGRAM_ORDER_MIX)
+    h = h ^ _lshr(h, 33)
+    h = h * _as_int64(NGRAM_MIX1)
+    h = h ^ _lshr(h, 33)
+    h = h * _as_int64(NGRAM_MIX2)
+    return h ^ _lshr(h, 33)
+
+
+def ngram_bucket(h: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """``(h >> 1) % K`` of int64 hashes with a logical shift: the top 63 bits, non-negative."""
+    return _lshr(h, 1) % num_buckets
+
+
+def vocab_lookup_ref(h: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the int64 keys ``h`` in a linear-probing table (``vocab_keys``, ``vocab_rows``;
+    size a power of two, ``NGRAM_EMPTY_KEY`` = empty slot), -1 where absent."""
+    T = keys.numel()
+    slot = h & (T - 1)
+    out = torch.full_like(h, -1)
+    pending = torch.ones_like(h, dtype=torch.bool)
+    for _ in range(T):
+        if not bool(pending.any()):
+            break
+        k = keys[slot]
+        empty = k == NGRAM_EMPTY_KEY
+        hit = pending & ~empty & (k == h)
+        out[hit] = rows[slot[hit]]
+        pending &= ~(hit | empty)
+        slot = (slot + 1) & (T - 1)
+    return out
+
+
+def ngram_ids_ref(tokens: torch.Tensor, offsets: torch.Tensor, orders, num_buckets: int,
+                  unigram_rows: int = 0, vocab=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, id_offsets)`` of ``ngram_ids`` in vectorised torch ops: an ``[N, |orders|]``
+    matrix of the n-gram starting at each position (one FNV chain over the shifted token
+    stream gives every order), masked where the n-gram crosses its document's end or is absent
+    from the vocabulary, read in row-major order (by position, then increasing order)."""
+    tokens, offsets = tokens.reshape(-1), offsets.reshape(-1)
+    N, B, dev = tokens.numel(), offsets.numel(), tokens.device
+    orders = sorted(int(o) for o in orders)
+    U, K = int(unigram_rows), int(num_buckets)
+    ends = torch.cat([offsets[1:], offsets.new_tensor([N])]) if B else offsets
+    lengths = ends - offsets
+    doc = torch.repeat_interleave(torch.arange(B, device=dev), lengths)  # document of each position
+    end = ends[doc]
+    pos = torch.arange(N, device=dev)
+    padded = torch.cat([tokens, tokens.new_zeros(orders[-1])])
+    h = torch.full((N,), _as_int64(NGRAM_BASIS), dtype=torch.int64, device=dev)
+    cols, keep = [], []
+    for k in range(orders[-1]):
+        h = (h ^ padded[k:k + N]) * NGRAM_PRIME
+        n = k + 1
+        if n not in orders:
+            continue
+        valid = pos + n <= end
+        if vocab is not None:
+            row = vocab_lookup_ref(_ngram_finish(h, n), *vocab)
+            valid = valid & (row >= 0)
+        elif n == 1 and U > 0:
+            row = tokens.clone()
+        elif U == 0 and K == 0:
+            row = _ngram_finish(h, n)
+        else:
+            row = U + ngram_bucket(_ngram_finish(h, n), K)
+        cols.append(row)
+        keep.append(valid)
+    M, V = torch.stack(cols, 1), torch.stack(keep, 1)
+    ids = M[V]
+    per_doc = torch.zeros(B, dtype=torch.int64, device=dev).index_add_(0, doc, V.sum(1))
+    return ids, torch.cumsum(per_doc, 0) - per_doc
+
+
+def ngram_bag_ref(tokens: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, orders,
+                  mode: str = "mean", num_buckets: int | None = None, unigram_rows: int = 0,
+                  vocab=None) -> torch.Tensor:
+    """``ngram_bag`` as ``weight[ids]`` summed per document with ``index_add`` (mean: divided by
+    the number of kept n-grams, an empty document gives zeros); differentiable (dense) in
+    ``weight``."""
+    if num_buckets is None:
+        num_buckets = 0 if vocab is not None else weight.shape[0] - unigram_rows
+    ids, id_offsets = ngram_ids_ref(tokens, offsets, orders, num_buckets, unigram_rows, vocab)
+    B = offsets.numel()
+    counts = torch.diff(id_offsets, append=id_offsets.new_tensor([ids.numel()])) if B else id_offsets
+    doc = torch.repeat_interleave(torch.arange(B, device=ids.device), counts)
+    out = weight.new_zeros(B, weight.shape[1]).index_add(0, doc, weight[ids])
+    if mode == "mean":
+        out = out / counts.clamp(min=1).to(out.dtype)[:, None]
+    return out

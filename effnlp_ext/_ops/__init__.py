@@ -10,5 +10,7 @@ from .fourier_mix import fourier_mix
 from .hash_words import hash_words
 from .kron_linear import kron_linear
 from .masked_linear import masked_linear, sparse_linear
+from .ngram_bag import build_vocab_table, ngram_bag, ngram_ids
 
-__all__ = ["fourier_mix", "hash_words", "kron_linear", "masked_linear", "sparse_linear"]
+__all__ = ["build_vocab_table", "fourier_mix", "hash_words", "kron_linear", "masked_linear",
+           "ngram_bag", "ngram_ids", "sparse_linear"]
