@@ -21,9 +21,9 @@ def _keys(texts, orders):
 
 
 @pytest.mark.parametrize("orders", [(1,), (1, 2), (1, 2, 3), (2, 4)])
-@pytest.mark.parametrize("chunk", [1, 2, 4096])
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 26])
 def test_count_ngrams_matches_counter(orders, chunk):
-    counts = count_ngrams(TEXTS, orders, chunk_docs=chunk)
+    counts = count_ngrams(TEXTS, orders, chunk_ngrams=chunk)
     want = Counter(_keys(TEXTS, orders))
     assert dict(zip(counts.keys.tolist(), counts.counts.tolist())) == dict(want)
     c = counts.counts.tolist()
