@@ -1,5 +1,7 @@
 """ELUE evaluation: per-sample FLOPs and parameters, the ELUE score and Pareto frontier, and an
 ElasticBERT-style multi-exit baseline."""
 from .flops import CostReport, count_flops, count_parameters, flop_mapping, per_sample_cost
+from .score import Point, baseline_curve, elue_score, pareto_frontier, plot
 
-__all__ = ["CostReport", "count_flops", "count_parameters", "flop_mapping", "per_sample_cost"]
+__all__ = ["CostReport", "Point", "baseline_curve", "count_flops", "count_parameters",
+           "elue_score", "flop_mapping", "pareto_frontier", "per_sample_cost", "plot"]
