@@ -1,0 +1,197 @@
+"""Prompt tuning transfer on the offline MiniLM: library, similarities, zero-shot transfer,
+transfer by initialisation, and a cross-model projector.
+
+    python experiments/prompt_transfer.py [--steps 300] [--quick] [--out experiments/runs/prompts]
+
+1. library: one prompt (20 tokens, vocab init) + head per task, on the frozen MiniLM-L6;
+2. similarity matrix across the library (cosine, per-token cosine, ON);
+3. zero-shot transfer: task A's prompt with task B's head on B's dev sample (tasks with the
+   same number of labels), and its Spearman correlation with each similarity;
+4. transfer by initialisation: for each target, probe (a short random-init run), pick the
+   library prompt most similar by ON (target excluded), train from it; steps to reach the
+   random-init run's final accuracy, and a PNG of the learning curves;
+5. cross-model: source = MiniLM truncated to 3 layers, target = MiniLM-L6. Both share the
+   input-embedding table (the only pretrained encoders available offline), so reusing a
+   prompt as it is ("identity") is the baseline the projector must beat: the 3-layer model's
+   prompts have to act through 3 more layers. The projector is trained on SST-2 and applied
+   zero-shot to the other tasks' 3-layer prompts, against a random prompt and the prompts
+   trained on the target.
+Every run resumes from its folder; results in experiments/results/prompt_transfer.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from effnlp_ext.data import get_task  # noqa: E402
+from effnlp_ext.prompts import (PromptConfig, PromptedClassifier, PromptProjector,  # noqa: E402
+                                ProjectedPrompt, SoftPrompt, evaluate_prompt, load_frozen,
+                                most_similar, similarity_matrix, spearman, steps_to_reach,
+                                train_prompt)
+from effnlp_ext.prompts.modules import classifier_head  # noqa: E402
+from effnlp_ext.prompts.transfer import _loaders  # noqa: E402
+from effnlp_ext.training import TrainConfig, Trainer  # noqa: E402
+
+TASKS = ["sst2", "imdb", "mrpc", "snli", "cola", "rte", "ag_news"]
+
+
+def _load(path: Path):
+    prompt, meta = SoftPrompt.load(path)
+    return prompt, torch.load(path / "head.pt")
+
+
+def zero_shot(cfg: PromptConfig, prompt: SoftPrompt, head_state, data_dir) -> float:
+    model, tok = load_frozen(cfg)
+    classifier_head(model).load_state_dict(head_state)
+    _, dev_f, coll = _loaders(cfg, tok, data_dir)
+    return evaluate_prompt(PromptedClassifier(model, prompt), dev_f, coll, cfg.task)["accuracy"]
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(curves)
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    for ax, t in zip(axes[0], targets):
+        for label, curve in curves[t].items():
+            ax.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o",
+                    label=label)
+        ax.set_title(t)
+        ax.set_xlabel("steps")
+        ax.set_ylabel("dev accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "runs" / "prompts")
+    p.add_argument("--results", type=Path,
+                   default=ROOT / "experiments" / "results" / "prompt_transfer.json")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--probe-steps", type=int, default=30)
+    p.add_argument("--targets", nargs="+", default=["imdb", "rte", "mrpc"])
+    p.add_argument("--tasks", nargs="+", default=TASKS)
+    p.add_argument("--quick", action="store_true", help="2 tasks, few steps: a smoke run")
+    args = p.parse_args()
+    if args.quick:
+        args.tasks, args.targets, args.steps, args.probe_steps = ["sst2", "imdb"], ["imdb"], 10, 5
+    base = PromptConfig(steps=args.steps, eval_every=max(5, args.steps // 6),
+                        train_size=4000, eval_size=400, max_length=128)
+    res: dict = {"steps": args.steps, "tasks": args.tasks}
+    save = lambda: (args.results.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
+                    args.results.write_text(json.dumps(res, indent=2)))
+
+    # 1. library
+    lib, heads, finals = {}, {}, {}
+    for t in args.tasks:
+        r = train_prompt(replace(base, task=t), args.data_dir, args.out / "lib" / t)
+        lib[t], heads[t] = _load(Path(r["prompt"]))
+        finals[t] = r["curve"][-1]["accuracy"]
+        res.setdefault("library", {})[t] = {"best": r["best"], "final": finals[t],
+                                            "curve": r["curve"]}
+        save()
+    frozen, _ = load_frozen(base)
+
+    # 2. similarities
+    sims = similarity_matrix(lib, frozen)
+    res["similarity"] = sims
+    save()
+
+    # 3. zero-shot transfer between tasks with the same label count
+    pairs, zs = [], {}
+    for a in args.tasks:
+        for b in args.tasks:
+            if a == b or get_task(a).num_labels != get_task(b).num_labels:
+                continue
+            acc = zero_shot(replace(base, task=b), lib[a], heads[b], args.data_dir)
+            zs.setdefault(a, {})[b] = acc
+            pairs.append((a, b, acc / max(finals[b], 1e-9)))
+    res["zero_shot"] = zs
+    if len(pairs) >= 3:
+        rel = [r for _, _, r in pairs]
+        res["zero_shot_correlation"] = {m: spearman([sims[m][a][b] for a, b, _ in pairs], rel)
+                                        for m in sims}
+    save()
+
+    # 4. transfer by initialisation
+    curves, speed = {}, {}
+    for t in args.targets:
+        cfg = replace(base, task=t)
+        rnd = train_prompt(cfg, args.data_dir, args.out / "init" / f"{t}-random")
+        probe = train_prompt(replace(cfg, steps=args.probe_steps), args.data_dir,
+                             args.out / "init" / f"{t}-probe")
+        source, scores = most_similar(SoftPrompt.load(Path(probe["prompt"]))[0], lib, frozen,
+                                      exclude=[t])
+        tr = train_prompt(cfg, args.data_dir, args.out / "init" / f"{t}-from-{source}",
+                          prompt=lib[source])
+        target = rnd["curve"][-1]["accuracy"]
+        reach = steps_to_reach(tr["curve"], target)
+        curves[t] = {"random init": rnd["curve"], f"from {source} (ON)": tr["curve"]}
+        speed[t] = {"source": source, "on_scores": scores, "random_final": target,
+                    "transfer_final": tr["curve"][-1]["accuracy"],
+                    "steps_to_random_final": reach, "probe_steps": args.probe_steps,
+                    "fraction_of_steps": (None if reach is None else
+                                          (reach + args.probe_steps) / args.steps)}
+        res["transfer_init"] = speed
+        save()
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    png = args.results.with_suffix(".png")
+    plot_curves(curves, png)
+    res["curves_png"] = str(png.relative_to(ROOT))
+
+    # 5. cross-model projector: 3-layer MiniLM -> MiniLM-L6
+    small = replace(base, num_layers=3)
+    src = {}
+    for t in args.tasks:
+        r = train_prompt(replace(small, task=t), args.data_dir, args.out / "small" / t)
+        src[t] = _load(Path(r["prompt"]))[0]
+    train_task = args.tasks[0]
+    model, tok = load_frozen(replace(base, task=train_task))
+    # the target's own head for the task stays fixed, so the projector learns to produce
+    # prompts that work with the heads trained on the target model (used zero-shot below)
+    classifier_head(model).load_state_dict(heads[train_task])
+    projector = PromptProjector(src[train_task].hidden, model.config.hidden_size)
+    wrapped = PromptedClassifier(model, ProjectedPrompt(src[train_task], projector),
+                                 train_head=False)
+    train_f, dev_f, coll = _loaders(replace(base, task=train_task), tok, args.data_dir)
+    out = args.out / "projector"
+    tcfg = TrainConfig(lr=1e-3, max_steps=args.steps, batch_size=32, output_dir=str(out),
+                       progress=False, save_every=max(10, args.steps // 5))
+    with Trainer(wrapped, tcfg, train_dataset=train_f, collate_fn=coll) as trainer:
+        trainer.train(resume=(out / "checkpoint.pt").exists())
+    projector.eval()
+    cross = {}
+    for t in args.tasks:
+        cfg = replace(base, task=t)
+        row = {"projected": zero_shot(cfg, projector.project(src[t]), heads[t], args.data_dir),
+               "identity": zero_shot(cfg, src[t], heads[t], args.data_dir),
+               "random": zero_shot(cfg, SoftPrompt.random(base.n_tokens, src[t].hidden),
+                                   heads[t], args.data_dir),
+               "trained_on_target": finals[t]}
+        cross[t] = row
+        res["cross_model"] = {"source": "MiniLM-L6 truncated to 3 layers", "target": "MiniLM-L6",
+                              "projector_trained_on": train_task, "tasks": cross}
+        save()
+    print(json.dumps({k: res[k] for k in ("zero_shot_correlation", "transfer_init", "cross_model")
+                      if k in res}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
