@@ -157,6 +157,26 @@ def dan(args) -> int:
     return 0
 
 
+def prompts(args) -> int:
+    from .prompts import PromptConfig, SoftPrompt, load_frozen, similarity_matrix, train_prompt
+
+    if args.prompts_cmd == "train":
+        cfg = PromptConfig(task=args.task, n_tokens=args.n_tokens, init=args.init,
+                           steps=args.steps, lr=args.lr, train_size=args.train_size or None,
+                           num_layers=args.num_layers)
+        init = SoftPrompt.load(args.init_from)[0] if args.init_from else None
+        out = args.out or Path("runs") / f"prompt-{args.task}"
+        res = train_prompt(cfg, args.data_dir, out, prompt=init)
+        print(json.dumps({"best": res["best"], "curve": res["curve"], "prompt": res["prompt"]},
+                         indent=2))
+        return 0
+    lib = {Path(p).parent.name if Path(p).name == "prompt" else Path(p).name: SoftPrompt.load(p)[0]
+           for p in args.prompts}
+    model, _ = load_frozen(PromptConfig())
+    print(json.dumps(similarity_matrix(lib, model), indent=2))
+    return 0
+
+
 def bench_fnet(quick: bool) -> str:
     from .benchmarking import machine_info
     from .fnet.benchmark import SHAPES, crossover, model_latency, render_tables, run_case
@@ -293,6 +313,21 @@ def main(argv: list[str] | None = None) -> int:
     dd.add_argument("--sparse-lr", type=float, default=1e-2)
     dd.add_argument("--data-dir", type=Path, default=_default_data_dir())
     dd.add_argument("--out", type=Path, default=None)
+    pr = sub.add_parser("prompts", help="prompt tuning on the frozen MiniLM, prompt similarity")
+    psub = pr.add_subparsers(dest="prompts_cmd", required=True)
+    pt = psub.add_parser("train", help="tune a soft prompt (and head) on a task")
+    pt.add_argument("--task", default="sst2")
+    pt.add_argument("--n-tokens", type=int, default=20)
+    pt.add_argument("--init", choices=["vocab", "random"], default="vocab")
+    pt.add_argument("--init-from", type=Path, default=None, help="start from this saved prompt")
+    pt.add_argument("--steps", type=int, default=300)
+    pt.add_argument("--lr", type=float, default=3e-2)
+    pt.add_argument("--train-size", type=int, default=8000)
+    pt.add_argument("--num-layers", type=int, default=None, help="truncate the encoder")
+    pt.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    pt.add_argument("--out", type=Path, default=None)
+    ps = psub.add_parser("similarity", help="cosine / token cosine / ON between saved prompts")
+    ps.add_argument("prompts", nargs="+", help="folders written by `prompts train` (…/prompt)")
     bf = sub.add_parser("bench-fnet", help="fourier_mix benchmark tables")
     bf.add_argument("--quick", action="store_true")
     tm = sub.add_parser("tamt", help="TAMT lottery tickets: bench, prune, SST-2 sweep")
@@ -333,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         return kron(args)
     if args.cmd == "fnet":
         return fnet(args)
+    if args.cmd == "prompts":
+        return prompts(args)
     if args.cmd == "dan":
         return dan(args)
     if args.cmd == "bench-fnet":
