@@ -25,7 +25,7 @@ from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD, PredictionKD
 from ..training.evaluate import accuracy, latency_ms
 from ..training.teacher import TeacherConfig, load_teacher
-from .convert import compress, compression_report
+from .convert import compress, compression_report, save_compressed
 
 
 @dataclass
@@ -98,6 +98,7 @@ def distill_kronecker(config: DistillConfig, data_dir: str | Path, out: str | Pa
     t2 = run_stage("stage2", PredictionKD(temperature=config.temperature,
                                           label_weight=config.label_weight),
                    config.lr2, config.stage2_epochs, True)
+    save_compressed(student, out / "model")   # load_compressed(out / "model") rebuilds it
     report = compression_report(student)  # FLOPs per token of the encoder linears, and params
     res = {
         "config": asdict(config), "teacher": record["config"], "train_size": len(train),
