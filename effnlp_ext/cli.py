@@ -177,6 +177,24 @@ def prompts(args) -> int:
     return 0
 
 
+def elue(args) -> int:
+    if args.elue_cmd == "multi-exit":
+        from .elue.multi_exit import train_multi_exit
+
+        out = args.out or Path("experiments") / "runs" / f"multi-exit-{args.task}"
+        res = train_multi_exit(args.task, args.data_dir, out, train_size=args.train_size or None,
+                               epochs=args.epochs)
+        print(json.dumps({k: res[k] for k in ("static", "entropy")}, indent=2))
+        return 0
+    from .elue.run import run_elue
+
+    out = args.out or Path("experiments") / "results" / f"elue-{args.task}"
+    res = run_elue(args.task, args.data_dir, out, args.runs_dir, flops_samples=args.flops_samples)
+    print((Path(out) / "table.md").read_text())
+    print(f"plot: {res['plot']}")
+    return 0
+
+
 def bench_fnet(quick: bool) -> str:
     from .benchmarking import machine_info
     from .fnet.benchmark import SHAPES, crossover, model_latency, render_tables, run_case
@@ -328,6 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--out", type=Path, default=None)
     ps = psub.add_parser("similarity", help="cosine / token cosine / ON between saved prompts")
     ps.add_argument("prompts", nargs="+", help="folders written by `prompts train` (…/prompt)")
+    el = sub.add_parser("elue", help="ELUE: multi-exit baseline, every method side by side")
+    esub = el.add_subparsers(dest="elue_cmd", required=True)
+    em = esub.add_parser("multi-exit", help="fine-tune the ElasticBERT-style multi-exit MiniLM")
+    em.add_argument("--task", default="sst2")
+    em.add_argument("--train-size", type=int, default=20000, help="seeded subset; 0: all")
+    em.add_argument("--epochs", type=float, default=1.0)
+    em.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    em.add_argument("--out", type=Path, default=None)
+    er = esub.add_parser("run", help="evaluate every method's model found in --runs-dir")
+    er.add_argument("--task", default="sst2")
+    er.add_argument("--runs-dir", type=Path, default=Path("experiments") / "runs")
+    er.add_argument("--flops-samples", type=int, default=200)
+    er.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    er.add_argument("--out", type=Path, default=None)
     bf = sub.add_parser("bench-fnet", help="fourier_mix benchmark tables")
     bf.add_argument("--quick", action="store_true")
     tm = sub.add_parser("tamt", help="TAMT lottery tickets: bench, prune, SST-2 sweep")
@@ -368,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         return kron(args)
     if args.cmd == "fnet":
         return fnet(args)
+    if args.cmd == "elue":
+        return elue(args)
     if args.cmd == "prompts":
         return prompts(args)
     if args.cmd == "dan":

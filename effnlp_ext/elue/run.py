@@ -1,0 +1,174 @@
+"""``effnlp elue run``: every method's model on one task, side by side, ELUE-style.
+
+Candidates are found in a runs folder (what the recipes write) and the teacher cache:
+  teacher       the cached fine-tuned MiniLM (training/teacher.py)
+  kron-*        KroneckerBERT students (``<run>/model``, kronecker/recipe.py)
+  fnet-*        FNet students (``<run>/model``, fnet/recipe.py)
+  dan-*         DAN students (``<run>/main/model`` or ``<run>/model``, dan/recipe.py)
+  multi-exit    the ElasticBERT-style baseline (``<run>/multi_exit.pt``): its static exits are
+                the baseline curve of the ELUE score, its entropy exits are plotted too.
+For each: dev accuracy, per-sample FLOPs/MACs (each sample alone, the first ``flops_samples``
+dev samples), parameters, CPU latency at batch 1 and 32 (tokenisation excluded for the
+transformers, included for the DAN, which takes raw text), and the ELUE score against the
+baseline. Writes results.json, table.md and pareto.png in ``out``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import DynamicPaddingCollator, encode, get_task, load_task
+from ..training.evaluate import evaluate, latency_ms
+from .flops import count_flops, count_parameters, per_sample_cost
+from .score import Point, baseline_curve, pareto_frontier, plot
+
+
+@dataclass
+class Candidate:
+    name: str
+    group: str
+    kind: str                          # "hf", "dan" or "multi_exit"
+    load: Callable[[], torch.nn.Module]
+
+
+def discover(task: str, runs_dir: Path, teacher_train_size: int | None = None) -> list[Candidate]:
+    from ..training.teacher import TeacherConfig, teacher_dir
+
+    found: list[Candidate] = []
+    tdir = teacher_dir(TeacherConfig(task=task, train_size=teacher_train_size))
+    if (tdir / "teacher.json").exists():
+        def load_teacher_model():
+            from transformers import AutoModelForSequenceClassification
+            return AutoModelForSequenceClassification.from_pretrained(tdir / "model").eval()
+        found.append(Candidate("teacher (MiniLM-L6)", "teacher", "hf", load_teacher_model))
+    runs_dir = Path(runs_dir)
+    for run in sorted(runs_dir.glob(f"kron-{task}-*")):
+        if (run / "model" / "kronecker.json").exists():
+            from ..kronecker import load_compressed
+            found.append(Candidate(f"KroneckerBERT {run.name.split('-')[-1]}", "KroneckerBERT",
+                                   "hf", lambda p=run / "model": load_compressed(p)))
+    for run in sorted(runs_dir.glob("fnet-*")):
+        res = run / "results.json"
+        if (run / "model" / "config.json").exists() and res.exists() and \
+                json.loads(res.read_text())["config"]["task"] == task:
+            from ..fnet import load_fnet
+            found.append(Candidate(f"FNet ({run.name})", "FNet", "hf",
+                                   lambda p=run / "model": load_fnet(p)))
+    for run in sorted(runs_dir.glob(f"dan-{task}*")):
+        for model_dir in (run / "main" / "model", run / "model"):
+            if (model_dir / "dan.json").exists():
+                from ..dan import DAN
+                found.append(Candidate(f"DAN ({run.name})", "DAN", "dan",
+                                       lambda p=model_dir: DAN.load(p)))
+                break
+    me = runs_dir / f"multi-exit-{task}"
+    if (me / "multi_exit.pt").exists():
+        def load_me(path=me):
+            from ..training.teacher import OFFLINE_BASE, base_model_path
+            from .multi_exit import MultiExitBert
+            m = MultiExitBert.from_pretrained(base_model_path(OFFLINE_BASE),
+                                              get_task(task).num_labels)
+            m.load_state_dict(torch.load(path / "multi_exit.pt"))
+            return m.eval()
+        found.append(Candidate("multi-exit MiniLM (ElasticBERT-style)", "multi-exit",
+                               "multi_exit", load_me))
+    return found
+
+
+def _texts(examples):
+    return [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
+
+
+def measure(c: Candidate, task: str, dev, tokenizer, flops_samples: int) -> dict | list[dict]:
+    model = c.load().eval()
+    spec = get_task(task)
+    if c.kind == "dan":
+        from ..dan import DAN
+        texts = [e.text_a for e in dev]
+        logits = model.predict_logits(texts, batch_size=256)
+        labels = torch.tensor([e.label for e in dev])
+        acc = float((logits.argmax(-1) == labels).float().mean())
+        flops = sum(count_flops(lambda t=t: model(*DAN.encode([t])))[0]
+                    for t in texts[:flops_samples]) / max(1, min(flops_samples, len(texts)))
+        from ..benchmarking import median_time
+        lat1 = median_time(lambda: model(*DAN.encode(texts[:1])), min_time=0.5) * 1e3
+        lat32 = median_time(lambda: model(*DAN.encode(texts[:32])), min_time=0.5) * 1e3
+        return {"name": c.name, "group": c.group, "accuracy": acc, "flops": flops,
+                "params": model.num_parameters()["total"], "ms_b1": lat1, "ms_b32": lat32}
+    feats = encode(dev, tokenizer, 128)
+    collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
+    singles = [{k: torch.tensor([v]) for k, v in f.items() if k != "labels"}
+               for f in feats[:flops_samples]]
+    if c.kind == "multi_exit":
+        from .multi_exit import collect_exits, default_thresholds, dynamic_curve, static_curve
+        loader = DataLoader(feats, batch_size=64, collate_fn=collator)
+        logits, labels, lengths = collect_exits(model, loader)
+        rows = static_curve(model, logits, labels, lengths) + dynamic_curve(
+            model, logits, labels, lengths, policy="entropy",
+            values=default_thresholds(spec.num_labels))
+        params = count_parameters(model)
+        return [{"name": (f"exit {r['exit']}" if r["policy"] == "static"
+                          else f"entropy<{r['value']:.3f}"),
+                 "group": "multi-exit (static)" if r["policy"] == "static" else
+                 "multi-exit (entropy)", "accuracy": r["accuracy"], "flops": r["flops"],
+                 "params": params, "baseline": r["policy"] == "static"} for r in rows]
+    loader = DataLoader(feats, batch_size=64, collate_fn=collator)
+    acc = evaluate(model, loader, spec.name)[spec.metrics[0]]
+    cost = per_sample_cost(model, singles)
+    return {"name": c.name, "group": c.group, "accuracy": acc, "flops": cost.flops,
+            "params": cost.params, "ms_b1": latency_ms(model, feats, collator, 1),
+            "ms_b32": latency_ms(model, feats, collator, 32)}
+
+
+def run_elue(task: str, data_dir, out, runs_dir, *, flops_samples: int = 200,
+             candidates: list[Candidate] | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..training.teacher import OFFLINE_BASE, base_model_path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = load_task(task, "dev", data_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path(OFFLINE_BASE))
+    candidates = candidates if candidates is not None else discover(task, runs_dir)
+    rows: list[dict] = []
+    for c in candidates:
+        r = measure(c, task, dev, tokenizer, flops_samples)
+        rows.extend(r if isinstance(r, list) else [r])
+    base = [(r["flops"], 100 * r["accuracy"]) for r in rows if r.get("baseline")]
+    curve = baseline_curve(base) if base else None
+    for r in rows:
+        r["macs"] = r["flops"] / 2
+        r["elue_score"] = (100 * r["accuracy"] - curve(r["flops"])) if curve else None
+    points = [Point(r["name"], r["flops"], 100 * r["accuracy"], r.get("params"), r["group"])
+              for r in rows]
+    front = {p.name for p in pareto_frontier(points)}
+    for r in rows:
+        r["pareto"] = r["name"] in front
+    png = plot(points, out / "pareto.png", baseline=base or None,
+               title=f"{task}: accuracy vs FLOPs per sample")
+    res = {"task": task, "dev_size": len(dev), "flops_samples": flops_samples, "rows": rows,
+           "plot": png, "baseline": "multi-exit static exits, log-FLOPs interpolation"}
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / "table.md").write_text(render_table(res))
+    return res
+
+
+def render_table(res: dict) -> str:
+    lines = [f"ELUE-style table, {res['task']} dev ({res['dev_size']} samples); FLOPs per sample "
+             f"(multiply and add apart; MACs = FLOPs/2) over the first {res['flops_samples']}; "
+             "ELUE score vs the multi-exit static curve (log-FLOPs interpolation); * Pareto.", "",
+             "| model | accuracy | GFLOPs/sample | params (M) | ms batch 1 | ms batch 32 | ELUE score |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(res["rows"], key=lambda r: -r["flops"]):
+        score = "" if r["elue_score"] is None else f"{r['elue_score']:+.2f}"
+        lat = lambda k: f"{r[k]:.2f}" if k in r else ""  # noqa: E731
+        lines.append(f"| {r['name']}{' *' if r['pareto'] else ''} | {100 * r['accuracy']:.2f} | "
+                     f"{r['flops'] / 1e9:.4f} | {(r['params'] or 0) / 1e6:.2f} | {lat('ms_b1')} | "
+                     f"{lat('ms_b32')} | {score} |")
+    return "\n".join(lines) + "\n"
