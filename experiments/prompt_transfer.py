@@ -31,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from effnlp_ext.data import get_task  # noqa: E402
+from effnlp_ext.data import get_task, spearman  # noqa: E402
 from effnlp_ext.prompts import (PromptConfig, PromptedClassifier, PromptProjector,  # noqa: E402
                                 ProjectedPrompt, SoftPrompt, evaluate_prompt, load_frozen,
-                                most_similar, similarity_matrix, spearman, steps_to_reach,
+                                most_similar, similarity_matrix, steps_to_reach,
                                 train_prompt)
 from effnlp_ext.prompts.modules import classifier_head  # noqa: E402
 from effnlp_ext.prompts.transfer import _loaders  # noqa: E402

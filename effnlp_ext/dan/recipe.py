@@ -12,7 +12,6 @@ throughput at batch 32 (raw text in, logits out: tokenisation included) measured
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import DynamicPaddingCollator, compute_metrics, get_task, load_task
+from ..data import DynamicPaddingCollator, compute_metrics, get_task, load_task, seeded_subset
 from ..training import TrainConfig, Trainer
 from ..training.teacher import TeacherConfig, load_teacher, teacher_dir
 from .modules import DAN, DANConfig, collate_docs, split_docs
@@ -50,14 +49,6 @@ class SparseDistillConfig:
     batch_size: int = 32
     seed: int = 42
     extra: dict = field(default_factory=dict)
-
-
-def _subset(examples, size, seed):
-    if size is None or size >= len(examples):
-        return list(examples)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in sorted(order[:size])]
 
 
 @torch.no_grad()
@@ -160,7 +151,7 @@ def distill_dan(config: SparseDistillConfig, data_dir: str | Path, out: str | Pa
     full_train = load_task(task.name, "train", data_dir)
     if full_train and full_train[0].text_b is not None:
         raise ValueError(f"distill_dan: the DAN student takes single texts; {task.name} has pairs")
-    keep = _subset(list(range(len(full_train))), config.train_size, config.seed)
+    keep = seeded_subset(list(range(len(full_train))), config.train_size, config.seed)
     train = [full_train[i] for i in keep]
     dev = load_task(task.name, eval_split, data_dir)
     train_texts = [e.text_a for e in train]

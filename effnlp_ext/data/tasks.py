@@ -286,6 +286,16 @@ def load_task(name: str, split: str, data_dir: str | Path) -> list[Example]:
     return read_split(name, split, data_dir).examples
 
 
+def seeded_subset(examples: Sequence, size: int | None, seed: int) -> list:
+    """``size`` examples drawn without replacement by ``random.Random(seed)``, kept in their
+    original order; all of them when ``size`` is None/0 or not smaller than the split."""
+    if not size or size >= len(examples):
+        return list(examples)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in sorted(order[:size])]
+
+
 def split_examples(examples: Sequence[Example], dev_fraction: float,
                    seed: int) -> tuple[list[Example], list[Example]]:
     """Deterministic seeded (train, dev) partition, for tasks that ship fewer splits (AG News).

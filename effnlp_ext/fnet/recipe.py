@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode,
-                    get_task, load_task)
+                    get_task, load_task, seeded_subset)
 from ..training import TrainConfig, Trainer
 from ..training.distill import PredictionKD
 from ..training.evaluate import accuracy, latency_ms
@@ -47,14 +46,6 @@ class FNetConfig:
     seed: int = 42
 
 
-def _subset(examples, size, seed):
-    if size is None or size >= len(examples):
-        return list(examples)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in sorted(order[:size])]
-
-
 def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> dict:
     """Runs (or resumes) the fine-tuning in ``out`` and returns the side-by-side measurements."""
     from transformers import AutoModelForSequenceClassification
@@ -72,7 +63,7 @@ def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> 
         student = AutoModelForSequenceClassification.from_pretrained(
             base_model_path(record["config"]["base"]), num_labels=task.num_labels)
     bert_to_fnet(student, use_lengths=config.use_lengths)
-    train = _subset(load_task(task.name, "train", data_dir), config.train_size, config.seed)
+    train = seeded_subset(load_task(task.name, "train", data_dir), config.train_size, config.seed)
     dev = load_task(task.name, "dev", data_dir)
     train_f = encode(train, tokenizer, config.max_length)
     dev_f = encode(dev, tokenizer, config.max_length)

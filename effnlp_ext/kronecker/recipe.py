@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode,
-                    get_task, load_task)
+                    get_task, load_task, seeded_subset)
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD, PredictionKD
 from ..training.evaluate import accuracy, latency_ms
@@ -62,10 +61,7 @@ def distill_kronecker(config: DistillConfig, data_dir: str | Path, out: str | Pa
     task = config.task
     teacher, tokenizer, record = load_teacher(
         TeacherConfig(task=task, train_size=config.teacher_train_size), data_dir)
-    train = load_task(task, "train", data_dir)
-    order = list(range(len(train)))
-    random.Random(config.seed).shuffle(order)
-    train = [train[i] for i in sorted(order[:config.train_size or len(train)])]
+    train = seeded_subset(load_task(task, "train", data_dir), config.train_size, config.seed)
     dev = load_task(task, "dev", data_dir)
     train_f = encode(train, tokenizer, config.max_length)
     dev_f = encode(dev, tokenizer, config.max_length)

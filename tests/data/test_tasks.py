@@ -162,3 +162,14 @@ def test_split_examples_is_deterministic_partition():
     assert split_examples(examples, 0.2, seed=8)[1] != dev
     with pytest.raises(ValueError, match="dev_fraction"):
         split_examples(examples, 1.0, seed=0)
+
+
+def test_seeded_subset_is_deterministic_ordered_and_bounded():
+    from effnlp_ext.data import seeded_subset
+
+    rows = list(range(100))
+    a, b = seeded_subset(rows, 10, 3), seeded_subset(rows, 10, 3)
+    assert a == b and a == sorted(a) and len(set(a)) == 10
+    assert seeded_subset(rows, 10, 4) != a
+    assert seeded_subset(rows, None, 3) == rows and seeded_subset(rows, 0, 3) == rows
+    assert seeded_subset(rows, 500, 3) == rows

@@ -7,7 +7,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from effnlp_ext.prompts import (PromptConfig, PromptedClassifier, PromptProjector, ProjectedPrompt,
                                 SoftPrompt, activated_neurons, cosine, most_similar,
-                                on_similarity, similarity_matrix, spearman, steps_to_reach,
+                                on_similarity, similarity_matrix, steps_to_reach,
                                 token_cosine, train_prompt, truncate)
 
 H, I, LAYERS = 32, 48, 2
@@ -84,12 +84,6 @@ def test_similarities():
     assert most_similar(near, lib, model, exclude=["b"])[0] in {"a", "c"}
     with pytest.raises(ValueError, match="different shapes"):
         cosine(a, SoftPrompt.random(5, H))
-
-
-def test_spearman_matches_scipy():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    x, y = [0.1, 0.5, 0.5, 0.9, 0.3], [1, 3, 2, 5, 4]
-    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
 
 
 def test_projector_drives_target_and_trains_only_itself():
