@@ -9,5 +9,6 @@ from __future__ import annotations
 from .fourier_mix import fourier_mix
 from .kron_linear import kron_linear
 from .masked_linear import masked_linear, sparse_linear
+from .rational import rational
 
-__all__ = ["fourier_mix", "kron_linear", "masked_linear", "sparse_linear"]
+__all__ = ["fourier_mix", "kron_linear", "masked_linear", "rational", "sparse_linear"]
