@@ -11,11 +11,11 @@ import torch
 from . import _C  # noqa: F401  registers torch.ops.effnlp.*
 from . import _ops
 from ._ops import fourier_mix, kron_linear, masked_linear, rational, sparse_linear
-from . import fnet, kronecker
+from . import adapters, fnet, kronecker
 from .kronecker import KronEmbedding, KronLinear
 
-__all__ = ["fourier_mix", "kron_linear", "masked_linear", "rational", "sparse_linear", "fnet", "kronecker",
-           "KronLinear", "KronEmbedding", "has_cuda_kernels"]
+__all__ = ["fourier_mix", "kron_linear", "masked_linear", "rational", "sparse_linear", "adapters",
+           "fnet", "kronecker", "KronLinear", "KronEmbedding", "has_cuda_kernels"]
 __version__ = "0.1.0"
 
 
