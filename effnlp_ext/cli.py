@@ -197,7 +197,7 @@ def adapters(args) -> int:
                              train_size=args.train_size or None, dev_size=args.dev_size or None,
                              epochs=args.epochs, lr=args.lr, max_length=args.max_length,
                              reduction_factor=args.reduction_factor, seed=args.seed,
-                             progress=args.progress)
+                             switch_lr_mult=args.switch_lr_mult, progress=args.progress)
     print(format_comparison(summary))
     return 0
 
@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ac.add_argument("--lr", type=float, default=1e-3)
     ac.add_argument("--max-length", type=int, default=64)
     ac.add_argument("--reduction-factor", type=int, default=16)
+    ac.add_argument("--switch-lr-mult", type=float, default=50.0,
+                    help="learning rate of the switch logits, as a multiple of --lr")
     ac.add_argument("--seed", type=int, default=42)
     ac.add_argument("--progress", action="store_true")
     ac.add_argument("--data-dir", type=Path, default=_default_data_dir())

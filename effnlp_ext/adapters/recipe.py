@@ -3,9 +3,9 @@
 * ``relu``: a Pfeiffer adapter with ReLU in every layer;
 * ``rational``: the same with a learnable rational activation (ReLU start, degrees 5/4);
 * ``adaptable``: rational adapters plus a per-layer ``LayerSwitch`` (straight-through
-  Gumbel-softmax, temperature annealed from ``tau_start`` to ``tau_end``); after training the
-  layers whose switch chose identity are pruned (``prune_adapters``) and the pruned model is
-  evaluated.
+  Gumbel-softmax, temperature annealed from ``tau_start`` to ``tau_end``, logits at
+  ``switch_lr_mult`` times the learning rate); after training the layers whose switch chose
+  identity are pruned (``prune_adapters``) and the pruned model is evaluated.
 
 The pre-trained model (the offline MiniLM-L6 by default) is frozen: only adapters, switches and
 the classification head train, with the shared ``Trainer`` (AdamW, warmup/decay, checkpoints
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode, get_task, load_task
-from ..training import TrainConfig, Trainer
+from ..training import TrainConfig, Trainer, linear_warmup_decay, param_groups
 from ..training.teacher import OFFLINE_BASE, base_model_path
 from .convert import (add_adapters, adapted_outputs, adapter_parameter_count, prune_adapters,
                       trainable_parameter_names)
@@ -46,6 +46,7 @@ class AdapterConfig:
     reduction_factor: int = 16
     tau_start: float = 1.0
     tau_end: float = 0.1
+    switch_lr_mult: float = 50.0      # the switch logits' learning rate is lr times this
     seed: int = 42
     progress: bool = False
 
@@ -67,6 +68,23 @@ def evaluate(model, loader, task: str) -> dict:
             labels.append(batch.pop("labels"))
             logits.append(model(**batch).logits)
     return compute_metrics(task, torch.cat(logits), torch.cat(labels))
+
+
+def _switch_learning_rate(trainer: Trainer, mult: float) -> None:
+    """Rebuilds the trainer's AdamW and schedule with the switch logits in their own group at
+    ``lr * mult`` (before training or a resume, so checkpoints see the same groups). Adam moves
+    a parameter by about lr per step whatever its gradient: at the adapters' lr the logits
+    would move ~0.1 over a short run and the choice would stay a coin flip."""
+    cfg = trainer.config
+    groups = param_groups(trainer.model, cfg.weight_decay)
+    logits = [p for n, p in trainer.model.named_parameters() if n.endswith(".switch.logits")]
+    ids = {id(p) for p in logits}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    groups.append({"params": logits, "weight_decay": 0.0, "lr": cfg.lr * mult})
+    trainer.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        trainer.optimizer, linear_warmup_decay(trainer.warmup_steps, trainer.total_steps))
 
 
 def train_variant(config: AdapterConfig, data_dir, out) -> dict:
@@ -110,6 +128,8 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
             return m(**batch).loss
 
         tr.step_fn = step
+        if switch and config.switch_lr_mult != 1.0:
+            _switch_learning_rate(tr, config.switch_lr_mult)
         tr.train(resume=(out / "run" / "checkpoint.pt").exists())
     seconds = time.time() - t0
     res = {"config": asdict(config), "train_size": len(train), "dev_size": len(dev),

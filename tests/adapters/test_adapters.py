@@ -307,3 +307,21 @@ def test_recipe_adaptable_runs_and_prunes(data_dir, tmp_path):
     assert 0.0 <= res["dev"]["accuracy"] <= 1.0 and "accuracy" in res["dev_pruned"]
     assert (tmp_path / "run" / "results.json").exists()
     assert train_variant(cfg, data_dir, tmp_path / "run") == res  # a finished run is not redone
+
+
+def test_switch_logits_get_their_own_learning_rate():
+    from effnlp_ext.adapters.recipe import _switch_learning_rate
+    from effnlp_ext.training import TrainConfig, Trainer
+
+    model = add_adapters(tiny_bert(), switch=True)
+    data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(0)}] * 4
+    tr = Trainer(model, TrainConfig(lr=1e-3, batch_size=2, progress=False, device="cpu"),
+                 train_dataset=data)
+    _switch_learning_rate(tr, 50.0)
+    groups = tr.optimizer.param_groups
+    logits = {id(o.switch.logits) for o in adapted_outputs(model).values()}
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 5e-2])  # no warmup: full lr at step 0
+    assert {id(p) for p in groups[-1]["params"]} == logits
+    assert groups[-1]["initial_lr"] == pytest.approx(5e-2) and groups[0]["initial_lr"] == pytest.approx(1e-3)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
