@@ -74,6 +74,16 @@ TORCH_LIBRARY(effnlp, m) {
   m.def("_ngram_bag_backward(Tensor grad, Tensor tokens, Tensor offsets, int[] orders,"
         " int num_buckets, int unigram_rows, int mode, int num_weights, Tensor? vocab_keys,"
         " Tensor? vocab_rows) -> (Tensor rows, Tensor values)");
+
+  // Rational activation y = P(x) / (1 + |b_0 x + ... + b_{n-1} x^n|), P(x) = a_0 + ... + a_m x^m,
+  // elementwise, with learnable coefficients in ascending order (adaptable adapters / PAU).
+  //   x: [..., C], numerator: [G, m+1], denominator: [G, n] (or [m+1] / [n] for G = 1) -> y: x's
+  //   shape; channel c of the last dim uses group c / (C / G).
+  m.def("rational(Tensor x, Tensor numerator, Tensor denominator) -> Tensor");
+  // Gradients of rational w.r.t. (x, numerator, denominator); the coefficient gradients are
+  // deterministic sums over all elements. Entries whose mask is false come back empty.
+  m.def("_rational_backward(Tensor grad_y, Tensor x, Tensor numerator, Tensor denominator,"
+        " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import effnlp_ext._C` loads this shared library, whose static initialisers register the ops.

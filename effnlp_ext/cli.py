@@ -12,6 +12,9 @@
   effnlp tamt bench [--full] [--json PATH]            masked_linear / exported sparse_linear tables
   effnlp tamt prune --sparsity 0.7 [--init omp|random] [--out DIR]  prune the MiniLM, mask report
   effnlp tamt sweep [--sparsities 0.5 0.7 0.9] [--out DIR]  dense vs OMP vs TAMT on SST-2 dev
+  effnlp adapters bench [--full] [--json PATH]        the rational op vs torch and rational-activations
+  effnlp adapters compare [--tasks sst2 mrpc] [--variants relu rational adaptable] [--out DIR]
+                                                     adapter tuning of the frozen MiniLM, 3 variants
 """
 from __future__ import annotations
 
@@ -247,6 +250,30 @@ def tamt(args) -> int:
     return 0
 
 
+def adapters(args) -> int:
+    if args.adapters_cmd == "bench":
+        from .adapters.benchmark import CASES, QUICK_CASES, render, run_case
+        from .benchmarking import machine_info
+
+        rows = []
+        for case in (CASES if args.full else QUICK_CASES):
+            rows += run_case(*case, quick=not args.full)
+        meta = machine_info()
+        if args.json:
+            Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(render(meta, rows))
+        return 0
+    from .adapters.recipe import format_comparison, run_comparison
+
+    summary = run_comparison(args.out, args.data_dir, tasks=args.tasks, variants=args.variants,
+                             train_size=args.train_size or None, dev_size=args.dev_size or None,
+                             epochs=args.epochs, lr=args.lr, max_length=args.max_length,
+                             reduction_factor=args.reduction_factor, seed=args.seed,
+                             switch_lr_mult=args.switch_lr_mult, progress=args.progress)
+    print(format_comparison(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="effnlp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -384,6 +411,27 @@ def main(argv: list[str] | None = None) -> int:
     tw.add_argument("--finetune-epochs", type=float, default=1.0)
     tw.add_argument("--data-dir", type=Path, default=_default_data_dir())
     tw.add_argument("--out", type=Path, default=Path("runs") / "tamt-sst2")
+    ad = sub.add_parser("adapters", help="adaptable adapters: rational op bench, adapter tuning")
+    asub = ad.add_subparsers(dest="adapters_cmd", required=True)
+    ab = asub.add_parser("bench", help="rational fwd+bwd vs torch compositions and rational-activations")
+    ab.add_argument("--full", action="store_true")
+    ab.add_argument("--json", help="also write the rows as JSON here")
+    ac = asub.add_parser("compare", help="ReLU / rational / adaptable adapters on the frozen MiniLM")
+    ac.add_argument("--tasks", nargs="+", default=["sst2", "mrpc"])
+    ac.add_argument("--variants", nargs="+", choices=["relu", "rational", "adaptable"],
+                    default=["relu", "rational", "adaptable"])
+    ac.add_argument("--train-size", type=int, default=4000, help="0: the whole train split")
+    ac.add_argument("--dev-size", type=int, default=0, help="0: the whole dev split")
+    ac.add_argument("--epochs", type=float, default=1.0)
+    ac.add_argument("--lr", type=float, default=1e-3)
+    ac.add_argument("--max-length", type=int, default=64)
+    ac.add_argument("--reduction-factor", type=int, default=16)
+    ac.add_argument("--switch-lr-mult", type=float, default=50.0,
+                    help="learning rate of the switch logits, as a multiple of --lr")
+    ac.add_argument("--seed", type=int, default=42)
+    ac.add_argument("--progress", action="store_true")
+    ac.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    ac.add_argument("--out", type=Path, default=Path("runs") / "adapters")
     args = p.parse_args(argv)
     if args.cmd == "demo":
         return demo(args)
@@ -411,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "tamt":
         return tamt(args)
+    if args.cmd == "adapters":
+        return adapters(args)
     if args.cmd == "bench-kron":
         print(bench_kron(args.full, args.json))
         return 0

@@ -284,3 +284,19 @@ def ngram_bag_ref(tokens: torch.Tensor, offsets: torch.Tensor, weight: torch.Ten
     if mode == "mean":
         out = out / counts.clamp(min=1).to(out.dtype)[:, None]
     return out
+
+def rational_ref(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``P(x) / (1 + |S(x)|)`` by Horner in torch ops, ``P = sum_k a_k x^k`` (k = 0..m),
+    ``S = sum_k b_k x^(k+1)`` (k = 0..n-1), coefficients ``[G, .]`` (or 1-D for one group)
+    applied to ``G`` contiguous channel groups of the last dim."""
+    a = numerator if numerator.dim() == 2 else numerator.unsqueeze(0)
+    b = denominator if denominator.dim() == 2 else denominator.unsqueeze(0)
+    G, C = a.shape[0], x.shape[-1]
+    xg = x.reshape(*x.shape[:-1], G, C // G) if C else x.reshape(*x.shape[:-1], G, 0)
+    p = a[:, -1:].expand_as(xg)
+    for k in range(a.shape[1] - 2, -1, -1):
+        p = p * xg + a[:, k:k + 1]
+    r = torch.zeros_like(xg)
+    for k in range(b.shape[1] - 1, -1, -1):
+        r = r * xg + b[:, k:k + 1]
+    return (p / (1 + (xg * r).abs())).reshape(x.shape)

@@ -11,6 +11,7 @@ from .hash_words import hash_words
 from .kron_linear import kron_linear
 from .masked_linear import masked_linear, sparse_linear
 from .ngram_bag import build_vocab_table, ngram_bag, ngram_ids
+from .rational import rational
 
 __all__ = ["build_vocab_table", "fourier_mix", "hash_words", "kron_linear", "masked_linear",
-           "ngram_bag", "ngram_ids", "sparse_linear"]
+           "ngram_bag", "ngram_ids", "rational", "sparse_linear"]

@@ -1,0 +1,191 @@
+"""Adapter tuning end to end on a task: the three variants of adaptable adapters.
+
+* ``relu``: a Pfeiffer adapter with ReLU in every layer;
+* ``rational``: the same with a learnable rational activation (ReLU start, degrees 5/4);
+* ``adaptable``: rational adapters plus a per-layer ``LayerSwitch`` (straight-through
+  Gumbel-softmax, temperature annealed from ``tau_start`` to ``tau_end``, logits at
+  ``switch_lr_mult`` times the learning rate); after training the layers whose switch chose
+  identity are pruned (``prune_adapters``) and the pruned model is evaluated.
+
+The pre-trained model (the offline MiniLM-L6 by default) is frozen: only adapters, switches and
+the classification head train, with the shared ``Trainer`` (AdamW, warmup/decay, checkpoints
+that survive a kill). Each run writes ``<out>/results.json``; a finished run is skipped.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode, get_task, load_task
+from ..training import TrainConfig, Trainer, linear_warmup_decay, param_groups
+from ..training.teacher import OFFLINE_BASE, base_model_path
+from .convert import (add_adapters, adapted_outputs, adapter_parameter_count, prune_adapters,
+                      trainable_parameter_names)
+from .modules import set_temperature, temperature_schedule
+
+VARIANTS = {"relu": ("relu", False), "rational": ("rational", False), "adaptable": ("rational", True)}
+
+
+@dataclass
+class AdapterConfig:
+    variant: str = "adaptable"        # "relu", "rational" or "adaptable"
+    task: str = "sst2"
+    base: str = OFFLINE_BASE
+    train_size: int | None = 4000     # a seeded subset of the train split; None: all of it
+    dev_size: int | None = None       # None: the whole dev split
+    epochs: float = 1.0
+    lr: float = 1e-3                  # adapters and head (the usual adapter-tuning rate)
+    batch_size: int = 32
+    max_length: int = 64
+    reduction_factor: int = 16
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    switch_lr_mult: float = 50.0      # the switch logits' learning rate is lr times this
+    seed: int = 42
+    progress: bool = False
+
+
+def subset(examples, size: int | None, seed: int):
+    if not size or size >= len(examples):
+        return list(examples)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in sorted(order[:size])]
+
+
+def evaluate(model, loader, task: str) -> dict:
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            batch = dict(batch)
+            labels.append(batch.pop("labels"))
+            logits.append(model(**batch).logits)
+    return compute_metrics(task, torch.cat(logits), torch.cat(labels))
+
+
+def _switch_learning_rate(trainer: Trainer, mult: float) -> None:
+    """Rebuilds the trainer's AdamW and schedule with the switch logits in their own group at
+    ``lr * mult`` (before training or a resume, so checkpoints see the same groups). Adam moves
+    a parameter by about lr per step whatever its gradient: at the adapters' lr the logits
+    would move ~0.1 over a short run and the choice would stay a coin flip."""
+    cfg = trainer.config
+    groups = param_groups(trainer.model, cfg.weight_decay)
+    logits = [p for n, p in trainer.model.named_parameters() if n.endswith(".switch.logits")]
+    ids = {id(p) for p in logits}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    groups.append({"params": logits, "weight_decay": 0.0, "lr": cfg.lr * mult})
+    trainer.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        trainer.optimizer, linear_warmup_decay(trainer.warmup_steps, trainer.total_steps))
+
+
+def train_variant(config: AdapterConfig, data_dir, out) -> dict:
+    """Adapter-tune ``config.variant`` on ``config.task``; dev metrics (and, for ``adaptable``,
+    the pruned model's) in ``<out>/results.json``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if config.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {config.variant!r}; choose one of {sorted(VARIANTS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+    task = get_task(config.task)
+    path = base_model_path(config.base)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(config.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
+    activation, switch = VARIANTS[config.variant]
+    add_adapters(model, config.reduction_factor, activation, switch=switch, temperature=config.tau_start)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    train = subset(load_task(config.task, "train", data_dir), config.train_size, config.seed)
+    dev = subset(load_task(config.task, "dev", data_dir), config.dev_size, config.seed)
+    train_f, dev_f = encode(train, tokenizer, config.max_length), encode(dev, tokenizer, config.max_length)
+    collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
+    sampler = LengthBucketBatchSampler([len(f["input_ids"]) for f in train_f], config.batch_size,
+                                       seed=config.seed)
+    dev_loader = DataLoader(dev_f, batch_size=64, collate_fn=collator)
+    cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
+                      warmup_ratio=0.06, weight_decay=0.01, seed=config.seed,
+                      output_dir=str(out / "run"), save_every=50, progress=config.progress)
+    t0 = time.time()
+    with Trainer(model, cfg, train_dataset=train_f, collate_fn=collator, batch_sampler=sampler) as tr:
+        total = tr.total_steps
+
+        def step(m, batch):
+            if switch:  # anneal from the optimizer step the trainer is at (exact after a resume)
+                set_temperature(tr.model, temperature_schedule(tr.step, total, config.tau_start,
+                                                               config.tau_end))
+            return m(**batch).loss
+
+        tr.step_fn = step
+        if switch and config.switch_lr_mult != 1.0:
+            _switch_learning_rate(tr, config.switch_lr_mult)
+        tr.train(resume=(out / "run" / "checkpoint.pt").exists())
+    seconds = time.time() - t0
+    res = {"config": asdict(config), "train_size": len(train), "dev_size": len(dev),
+           "trainable_params": trainable, "adapter_params": adapter_parameter_count(model),
+           "trainable_names_sample": trainable_parameter_names(model)[:3],
+           "dev": evaluate(model, dev_loader, config.task), "train_seconds": round(seconds, 1),
+           "threads": torch.get_num_threads()}
+    if switch:
+        res["switch_p_adapter"] = {i: round(float(o.switch.probabilities()[0]), 3)
+                                   for i, o in adapted_outputs(model).items()}
+        res["prune"] = prune_adapters(model)
+        res["dev_pruned"] = evaluate(model, dev_loader, config.task)
+    rationals = {i: o.adapter.act.numerator.detach().flatten().tolist()
+                 for i, o in adapted_outputs(model).items()
+                 if o.adapter is not None and hasattr(o.adapter.act, "numerator")}
+    if rationals:
+        res["rational_numerators"] = {i: [round(v, 4) for v in a] for i, a in rationals.items()}
+    text = json.dumps(res, indent=1)
+    (out / "results.json").write_text(text)
+    return json.loads(text)  # the same object a later call reads back (str keys)
+
+
+def run_comparison(out, data_dir, tasks=("sst2", "mrpc"), variants=tuple(VARIANTS), **overrides) -> dict:
+    """Every variant on every task with the same recipe; ``<out>/summary.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = AdapterConfig(**overrides)
+    summary = {"config": {k: v for k, v in asdict(base).items() if k not in ("variant", "task")},
+               "rows": []}
+    for task in tasks:
+        for variant in variants:
+            res = train_variant(replace(base, task=task, variant=variant), data_dir, out / f"{task}-{variant}")
+            row = {"task": task, "variant": variant, **{f"dev_{k}": v for k, v in res["dev"].items()},
+                   "trainable_params": res["trainable_params"], "adapter_params": res["adapter_params"],
+                   "train_seconds": res["train_seconds"]}
+            if "prune" in res:
+                row.update({f"pruned_dev_{k}": v for k, v in res["dev_pruned"].items()})
+                row["layers_kept"] = res["prune"]["layers_kept"]
+                row["adapter_params_after_prune"] = res["prune"]["adapter_params"]
+            summary["rows"].append(row)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_comparison(summary: dict) -> str:
+    c = summary["config"]
+    lines = [f"{c['base']}, frozen; adapters (reduction {c['reduction_factor']}) + head trained on "
+             f"{c['train_size']} train examples x {c['epochs']} epoch(s), lr {c['lr']}, "
+             f"max_length {c['max_length']}; dev metrics",
+             "", "| task | variant | dev | trainable params | adapter params | layers kept | "
+                 "dev after prune | train s |", "|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        dev = ", ".join(f"{k[4:]} {100 * v:.2f}" for k, v in r.items() if k.startswith("dev_"))
+        pr = ", ".join(f"{k[11:]} {100 * v:.2f}" for k, v in r.items() if k.startswith("pruned_dev_"))
+        kept = (f"{len(r['layers_kept'])} {r['layers_kept']} ({r['adapter_params_after_prune']})"
+                if "layers_kept" in r else "all")
+        lines.append(f"| {r['task']} | {r['variant']} | {dev} | {r['trainable_params']} | "
+                     f"{r['adapter_params']} | {kept} | {pr or '-'} | {r['train_seconds']} |")
+    return "\n".join(lines)
