@@ -3,27 +3,35 @@
 //
 // Forward: documents are cut into ~4 ranges per thread of equal token counts (lengths vary a
 // lot), parallel over the ranges. Per document, one pass over its tokens computes every n-gram
-// row (one FNV chain per position gives all orders; the rows of one document sit in an
-// L1-resident scratch of at most len * |orders| entries, never a tensor), then the rows are
-// gathered and summed into the output row with at::vec, prefetching the rows a few n-grams
-// ahead: the table is far larger than the caches, so the gather is latency/bandwidth bound
-// and the prefetches keep several rows in flight.
+// row (one FNV chain per position gives all orders; the rows sit in a small per-thread
+// scratch, never a tensor), then the rows are summed in register blocks of 8 vectors, one pass
+// over the rows per block. The table is far larger than the caches, so this is a gather bound
+// by how many row misses are in flight: the first pass prefetches whole rows a dozen n-grams
+// ahead into L2 (running on into the next document's rows, hashed before this one is summed)
+// and the later passes read them from L2. Accumulating in registers matters as much: adding
+// each row into a row in memory (a store per vector per row) filled the store queue and held
+// the out-of-order window to ~2 rows (~2x slower, measured in a stand-alone gather loop).
 //
-// Backward: the gradient of the table is sum over (n-gram, document) pairs of grad[doc]
+// Backward: the gradient of the table is the sum over (n-gram, document) pairs of grad[doc]
 // (/ count[doc] for the mean) into row(n-gram). Pairs are packed into uint64 keys
-// (row << doc_bits | doc), sorted by a parallel LSD radix sort (its result does not depend on
-// the thread count: equal keys are indistinguishable), cut into runs of one row, and each run
-// summed in key order by one thread. So the rows come out unique and ascending, and every value
-// is bitwise the same whatever the thread count.
+// (row << doc_bits | doc), written in document order, and sorted on the row bits alone by a
+// stable parallel LSD radix sort, so each row's pairs stay in document order whatever the
+// thread count; the sorted keys are cut into runs of one row and each run is summed in that
+// order by one thread, in registers. So the rows come out unique and ascending, and every value
+// is bitwise the same whatever the thread count. The values tensor comes from a small pool of
+// reused blocks (OutputPool below).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -34,9 +42,10 @@ namespace {
 
 using namespace ngram;
 
-// Rows of n-grams ahead of the one being added whose table rows are prefetched (measured with
-// bench/bench_ngram.py, 2M x 256 fp32 table).
-constexpr int64_t kPrefetchAhead = 6;
+// How many n-grams ahead of the one being added the first pass prefetches whole table rows
+// (into L2, prefetcht2). Measured on the bench's 2M x 256 fp32 table, 1 thread: 6 to 32 all
+// within noise of each other; prefetcht0 was ~1.8x slower (it evicts the rows being summed).
+constexpr int64_t kPrefetchAhead = 12;
 constexpr int64_t kDropped = -1;
 
 // Number of bits needed to write x (0 for 0).
@@ -151,10 +160,25 @@ void parallel_docs(const int64_t* off, int64_t B, int64_t N, F&& body) {
   });
 }
 
+// Runs body(b0, b1) over consecutive ranges of documents, in parallel over ranges of balanced
+// token counts.
+template <typename F>
+void parallel_doc_ranges(const int64_t* off, int64_t B, int64_t N, F&& body) {
+  if (B == 0) return;
+  const int64_t parts = std::min<int64_t>(B, 4 * at::get_num_threads());
+  const std::vector<int64_t> bounds = balanced_bounds(off, B, N, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    if (bounds[p0] < bounds[p1]) body(bounds[p0], bounds[p1]);
+  });
+}
+
+// C10_ALWAYS_INLINE: GCC's IPA pure-const analysis treats a function whose only effect is a
+// prefetch as side-effect free and deletes its calls before inlining it (measured: GCC 12
+// emitted no prefetch at all, ~1.8x slower gathers).
 template <typename T>
-inline void prefetch_row(const T* p, int64_t bytes) {
+C10_ALWAYS_INLINE void prefetch_row(const T* p, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 1);  // prefetcht2: into L2
 }
 
 // acc[0..D) += row[0..D), in the accumulation type A (float for half types).
@@ -200,6 +224,95 @@ std::vector<T>& scratch_vec() {
   return v;
 }
 
+// Where the first pass over a document's rows prefetches: dist n-grams ahead, continuing into
+// the next document's rows.
+struct Ahead {
+  const int64_t* rows;
+  int64_t n;
+  const int64_t* next;
+  int64_t n_next;
+  int64_t dist;
+  template <typename T>
+  C10_ALWAYS_INLINE void prefetch(const T* W, int64_t D, int64_t i) const {
+    const int64_t j = i + dist;
+    const int64_t r = j < n ? rows[j] : (j - n < n_next ? next[j - n] : -1);
+    if (r >= 0) prefetch_row(W + r * D, D * static_cast<int64_t>(sizeof(T)));
+  }
+};
+
+template <typename T>
+inline at::vec::Vectorized<at::opmath_type<T>> load_as_acc(const T* p) {
+  using A = at::opmath_type<T>;
+  if constexpr (std::is_same_v<T, A>) {
+    return at::vec::Vectorized<T>::loadu(p);
+  } else {
+    at::vec::Vectorized<float> v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+// acc[d0 .. d0 + NV * VA) = sum of the rows' elements there, in NV vector registers (no
+// stores in the loop: a store per vector per row would fill the store queue and stall the
+// out-of-order window that keeps the row misses in flight).
+template <typename T, int NV, bool PF>
+inline void sum_block(const T* W, int64_t D, int64_t d0, const Ahead& ah, at::opmath_type<T>* acc) {
+  using Vec = at::vec::Vectorized<at::opmath_type<T>>;
+  constexpr int64_t VA = Vec::size();
+  Vec a[NV];
+  for (int v = 0; v < NV; ++v) a[v] = Vec(0);
+  for (int64_t i = 0; i < ah.n; ++i) {
+    if constexpr (PF) ah.prefetch(W, D, i);
+    const T* r = W + ah.rows[i] * D + d0;
+    for (int v = 0; v < NV; ++v) a[v] = a[v] + load_as_acc<T>(r + v * VA);
+  }
+  for (int v = 0; v < NV; ++v) a[v].store(acc + d0 + v * VA);
+}
+
+template <typename T, bool PF>
+inline void sum_tail(const T* W, int64_t D, int64_t d0, const Ahead& ah, at::opmath_type<T>* acc) {
+  using A = at::opmath_type<T>;
+  A t[at::vec::Vectorized<A>::size()] = {};
+  const int64_t m = D - d0;
+  for (int64_t i = 0; i < ah.n; ++i) {
+    if constexpr (PF) ah.prefetch(W, D, i);
+    const T* r = W + ah.rows[i] * D + d0;
+    for (int64_t k = 0; k < m; ++k) t[k] += static_cast<A>(r[k]);
+  }
+  for (int64_t k = 0; k < m; ++k) acc[d0 + k] = t[k];
+}
+
+// acc[0..D) = sum of the table rows ah.rows[0..n), one pass over the rows per register block;
+// the first pass prefetches whole rows into L2, so the later ones read them from cache (a
+// document's rows, at most ~0.5 MB at 256 fp32 and 3 orders, stay in L2).
+template <typename T>
+void gather_sum(const T* W, int64_t D, const Ahead& ah, at::opmath_type<T>* acc) {
+  constexpr int64_t VA = at::vec::Vectorized<at::opmath_type<T>>::size();
+  int64_t d0 = 0;
+  bool first = true;
+  auto block = [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    if (first) {
+      sum_block<T, NV, true>(W, D, d0, ah, acc);
+    } else {
+      sum_block<T, NV, false>(W, D, d0, ah, acc);
+    }
+    first = false;
+    d0 += NV * VA;
+  };
+  while (D - d0 >= 8 * VA) block(std::integral_constant<int, 8>{});
+  if (D - d0 >= 4 * VA) block(std::integral_constant<int, 4>{});
+  if (D - d0 >= 2 * VA) block(std::integral_constant<int, 2>{});
+  if (D - d0 >= VA) block(std::integral_constant<int, 1>{});
+  if (D > d0) {
+    if (first) {
+      sum_tail<T, true>(W, D, d0, ah, acc);
+    } else {
+      sum_tail<T, false>(W, D, d0, ah, acc);
+    }
+  }
+}
+
 template <typename T>
 void ngram_bag_impl(const at::Tensor& tokens, const at::Tensor& offsets, const T* W, int64_t D,
                     const Router& router, bool mean, T* out) {
@@ -208,40 +321,40 @@ void ngram_bag_impl(const at::Tensor& tokens, const at::Tensor& offsets, const T
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const NgramSpec& s = *router.s;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  parallel_docs(off, B, N, [&](int64_t b) {
-    const int64_t start = off[b], len = doc_end(off, B, N, b) - start;
-    std::vector<int64_t>& rows = scratch_vec<int64_t>();
-    const int64_t cap = s.ngrams_in(len);
-    if (static_cast<int64_t>(rows.size()) < cap) rows.resize(cap);
-    int64_t* r = rows.data();
-    const int64_t n = router.for_each(tok + start, len, [&](int64_t row) { *r++ = row; });
-    r = rows.data();
-    A* acc;
-    if constexpr (std::is_same_v<T, A>) {
-      acc = out + b * D;
-    } else {
-      std::vector<A>& buf = scratch_vec<A>();
-      if (static_cast<int64_t>(buf.size()) < D) buf.resize(D);
-      acc = buf.data();
-    }
-    if (n == 0) {
-      std::fill(acc, acc + D, A(0));
-    } else {
-      for (int64_t i = 0; i < std::min(n, kPrefetchAhead); ++i) prefetch_row(W + r[i] * D, row_bytes);
-      set_row<T, A>(acc, W + r[0] * D, D);
-      for (int64_t i = 1; i < n; ++i) {
-        if (i + kPrefetchAhead - 1 < n) prefetch_row(W + r[i + kPrefetchAhead - 1] * D, row_bytes);
-        add_row<T, A>(acc, W + r[i] * D, D);
+  parallel_doc_ranges(off, B, N, [&](int64_t b0, int64_t b1) {
+    // The rows of document b and of b + 1 (computed before b is summed, so that the prefetches
+    // run on into it).
+    thread_local std::vector<int64_t> cur_buf, next_buf;
+    auto rows_of = [&](int64_t b, std::vector<int64_t>& buf) {
+      const int64_t start = off[b], len = doc_end(off, B, N, b) - start;
+      const int64_t cap = s.ngrams_in(len);
+      if (static_cast<int64_t>(buf.size()) < cap) buf.resize(cap);
+      int64_t* r = buf.data();
+      return router.for_each(tok + start, len, [&](int64_t row) { *r++ = row; });
+    };
+    std::vector<A>& buf = scratch_vec<A>();
+    if (static_cast<int64_t>(buf.size()) < D) buf.resize(D);
+    int64_t n = rows_of(b0, cur_buf);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n_next = b + 1 < b1 ? rows_of(b + 1, next_buf) : 0;
+      const Ahead ah{cur_buf.data(), n, next_buf.data(), n_next, kPrefetchAhead};
+      A* acc;
+      if constexpr (std::is_same_v<T, A>) {
+        acc = out + b * D;
+      } else {
+        acc = buf.data();
       }
+      gather_sum<T>(W, D, ah, acc);
       if (mean && n > 1) {
         const A c = static_cast<A>(n);
         for (int64_t d = 0; d < D; ++d) acc[d] /= c;
       }
-    }
-    if constexpr (!std::is_same_v<T, A>) {
-      T* o = out + b * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
+      if constexpr (!std::is_same_v<T, A>) {
+        T* o = out + b * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
+      }
+      std::swap(cur_buf, next_buf);
+      n = n_next;
     }
   });
 }
@@ -317,18 +430,20 @@ std::tuple<at::Tensor, at::Tensor> ngram_ids_cpu(const at::Tensor& tokens_in, co
   return {ids, id_offsets};
 }
 
-// Stable LSD radix sort of keys[0..n) on their low `bits` bits, 12 bits a pass, in parallel
-// over a fixed number of chunks; tmp has room for n keys. Returns the buffer holding the result.
-uint64_t* radix_sort(uint64_t* keys, uint64_t* tmp, int64_t n, int bits) {
+// Stable LSD radix sort of keys[0..n) by their bits [lo, lo + bits), up to 11 bits a pass, in
+// parallel over a fixed number of chunks; tmp has room for n keys. Returns the buffer holding
+// the result. Stable, so keys with equal sort bits keep their input order, whatever the
+// chunking.
+uint64_t* radix_sort(uint64_t* keys, uint64_t* tmp, int64_t n, int lo, int bits) {
   if (n <= 1 || bits <= 0) return keys;
-  const int passes = (bits + 11) / 12;
+  const int passes = (bits + 10) / 11;
   const int digit = (bits + passes - 1) / passes;
   const int64_t buckets = int64_t{1} << digit;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 4096));
   std::vector<int64_t> hist(chunks * buckets);
   auto chunk_range = [&](int64_t c) { return std::make_pair(n * c / chunks, n * (c + 1) / chunks); };
   for (int pass = 0; pass < passes; ++pass) {
-    const int shift = pass * digit;
+    const int shift = lo + pass * digit;
     const uint64_t mask = static_cast<uint64_t>(buckets - 1);
     std::fill(hist.begin(), hist.end(), 0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -358,26 +473,112 @@ uint64_t* radix_sort(uint64_t* keys, uint64_t* tmp, int64_t n, int bits) {
   return keys;
 }
 
-// values[j] = sum of g[doc] over the keys sorted[starts[j] .. starts[j+1]), in that order.
+// The gradient's values (hundreds of MB for a large batch) come from a small pool of blocks
+// handed back when the gradient tensor is freed (optimizer.zero_grad() sets it to None before
+// the next backward): writing into freshly mapped memory pays a page fault per page, ~4x slower
+// than writing memory already mapped on these VMs (measured here: 790 MB of values took
+// 450-2300 ms fresh). At most kKeep free blocks stay mapped; a block is reused for a request
+// that needs at least half of it.
+class OutputPool {
+ public:
+  static OutputPool& get() {
+    static OutputPool* pool = new OutputPool();  // never destroyed: tensors may outlive statics
+    return *pool;
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+    int64_t numel = 1;
+    for (int64_t d : sizes) numel *= d;
+    const size_t bytes = static_cast<size_t>(numel) * opt.dtype().itemsize();
+    if (bytes < kMinBytes) return at::empty(sizes, opt);
+    void* ptr = nullptr;
+    size_t cap = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      int64_t best = -1;
+      for (int64_t i = 0; i < static_cast<int64_t>(free_.size()); ++i) {
+        const size_t c = free_[i].second;
+        if (c >= bytes && c / 2 <= bytes && (best < 0 || c < free_[best].second)) best = i;
+      }
+      if (best >= 0) {
+        std::tie(ptr, cap) = free_[best];
+        free_.erase(free_.begin() + best);
+      }
+    }
+    if (ptr == nullptr) {
+      cap = bytes + bytes / 8;  // headroom: the next batch's gradient is rarely the same size
+      ptr = c10::alloc_cpu(cap);
+    }
+    return at::from_blob(ptr, sizes, [cap](void* p) { OutputPool::get().give_back(p, cap); }, opt);
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t{16} << 20;
+  static constexpr size_t kKeep = 2;
+
+  void give_back(void* p, size_t cap) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace_back(p, cap);
+    if (free_.size() > kKeep) {
+      c10::free_cpu(free_.front().first);
+      free_.erase(free_.begin());
+    }
+  }
+
+  std::mutex mu_;
+  std::vector<std::pair<void*, size_t>> free_;
+};
+
+// values[j] = sum of g[doc] over the keys sorted[starts[j] .. starts[j+1]), in that order,
+// in register blocks of up to 8 vectors (g is [B, D] in the accumulation type, cache-resident).
+template <typename T, int NV>
+inline void segment_block(const at::opmath_type<T>* g, int64_t D, int64_t d0, const uint64_t* sorted,
+                          int64_t i0, int64_t i1, uint64_t doc_mask, T* out) {
+  using A = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t VA = Vec::size();
+  Vec a[NV];
+  for (int v = 0; v < NV; ++v) a[v] = Vec(0);
+  for (int64_t i = i0; i < i1; ++i) {
+    const A* r = g + static_cast<int64_t>(sorted[i] & doc_mask) * D + d0;
+    for (int v = 0; v < NV; ++v) a[v] = a[v] + Vec::loadu(r + v * VA);
+  }
+  if constexpr (std::is_same_v<T, A>) {
+    for (int v = 0; v < NV; ++v) a[v].store(out + d0 + v * VA);
+  } else {
+    A tmp[NV * VA];
+    for (int v = 0; v < NV; ++v) a[v].store(tmp + v * VA);
+    for (int64_t k = 0; k < NV * VA; ++k) out[d0 + k] = static_cast<T>(tmp[k]);
+  }
+}
+
 template <typename T>
 void segment_sums(const at::opmath_type<T>* g, int64_t D, const uint64_t* sorted, const int64_t* starts,
                   int64_t nnz, uint64_t doc_mask, T* values) {
   using A = at::opmath_type<T>;
+  constexpr int64_t VA = at::vec::Vectorized<A>::size();
   at::parallel_for(0, nnz, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t j0, int64_t j1) {
-    std::vector<A>& buf = scratch_vec<A>();
-    if (static_cast<int64_t>(buf.size()) < D) buf.resize(D);
     for (int64_t j = j0; j < j1; ++j) {
-      A* acc;
-      if constexpr (std::is_same_v<T, A>) {
-        acc = values + j * D;
-      } else {
-        acc = buf.data();
-      }
       const int64_t i0 = starts[j], i1 = starts[j + 1];
-      set_row<A, A>(acc, g + static_cast<int64_t>(sorted[i0] & doc_mask) * D, D);
-      for (int64_t i = i0 + 1; i < i1; ++i) add_row<A, A>(acc, g + static_cast<int64_t>(sorted[i] & doc_mask) * D, D);
-      if constexpr (!std::is_same_v<T, A>) {
-        for (int64_t d = 0; d < D; ++d) values[j * D + d] = static_cast<T>(acc[d]);
+      T* out = values + j * D;
+      int64_t d0 = 0;
+      for (; D - d0 >= 8 * VA; d0 += 8 * VA) segment_block<T, 8>(g, D, d0, sorted, i0, i1, doc_mask, out);
+      if (D - d0 >= 4 * VA) {
+        segment_block<T, 4>(g, D, d0, sorted, i0, i1, doc_mask, out);
+        d0 += 4 * VA;
+      }
+      if (D - d0 >= 2 * VA) {
+        segment_block<T, 2>(g, D, d0, sorted, i0, i1, doc_mask, out);
+        d0 += 2 * VA;
+      }
+      if (D - d0 >= VA) {
+        segment_block<T, 1>(g, D, d0, sorted, i0, i1, doc_mask, out);
+        d0 += VA;
+      }
+      for (; d0 < D; ++d0) {
+        A acc = 0;
+        for (int64_t i = i0; i < i1; ++i) acc += g[static_cast<int64_t>(sorted[i] & doc_mask) * D + d0];
+        out[d0] = static_cast<T>(acc);
       }
     }
   });
@@ -411,20 +612,19 @@ std::tuple<at::Tensor, at::Tensor> ngram_bag_backward_cpu(
   const int64_t* off = offsets.data_ptr<int64_t>();
   const Router router(s, vk, vr, num_weights, op);
 
-  // Pairs (row, doc) as keys row << doc_bits | doc, at each document's upper-bound slots;
-  // n-grams a vocabulary drops become all-ones keys, which sort last.
+  // Pairs (row, doc) as keys row << doc_bits | doc, written in (doc, position, order) order at
+  // each document's upper-bound slots; n-grams a vocabulary drops become all-ones keys. A
+  // stable sort on the row bits alone then leaves each row's pairs in document order. With a
+  // vocabulary the row field gets one more bit when needed, so that the all-ones field of a
+  // dropped key exceeds every real row and sorts last.
   std::vector<int64_t> base(B + 1, 0), kept(B, 0);
   for (int64_t b = 0; b < B; ++b) base[b + 1] = base[b] + s.ngrams_in(doc_end(off, B, N, b) - off[b]);
   const int64_t total = base[B];
   const int doc_bits = B > 1 ? bit_width(static_cast<uint64_t>(B - 1)) : 0;
-  const int row_bits = num_weights > 1 ? bit_width(static_cast<uint64_t>(num_weights - 1)) : 0;
+  const uint64_t max_row = static_cast<uint64_t>(std::max<int64_t>(num_weights, 1) - 1);
+  const int row_bits = bit_width(s.vocab ? max_row + 1 : max_row);
   TORCH_CHECK(row_bits + doc_bits <= 63, op, ": num_weights * documents is too large for 64-bit "
               "(row, document) keys (", num_weights, " rows, ", B, " documents)");
-  const uint64_t max_key = ((static_cast<uint64_t>(std::max<int64_t>(num_weights, 1) - 1)) << doc_bits) |
-                           ((uint64_t{1} << doc_bits) - 1);
-  // With a vocabulary, one more bit when needed, so that the all-ones keys of dropped n-grams
-  // exceed every real key in the sorted bits.
-  const int key_bits = s.vocab ? bit_width(max_key + 1) : bit_width(max_key);
   std::vector<uint64_t>& kbuf = scratch_vec<uint64_t>();
   if (static_cast<int64_t>(kbuf.size()) < 2 * total) kbuf.resize(2 * total);
   uint64_t* keys = kbuf.data();
@@ -438,9 +638,9 @@ std::tuple<at::Tensor, at::Tensor> ngram_bag_backward_cpu(
   });
   int64_t nkept = 0;
   for (int64_t b = 0; b < B; ++b) nkept += kept[b];
-  const uint64_t* sorted = radix_sort(keys, keys + total, total, key_bits);
+  const uint64_t* sorted = radix_sort(keys, keys + total, total, doc_bits, row_bits);
 
-  // Runs of one row: starts[i] for i < nnz, starts[nnz] = nkept. Parallel count, then fill.
+  // Runs of one row: starts[j] for j < nnz, starts[nnz] = nkept. Parallel count, then fill.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), nkept / 4096));
   std::vector<int64_t> chunk_runs(chunks + 1, 0);
   auto is_start = [&](int64_t i) { return i == 0 || (sorted[i] >> doc_bits) != (sorted[i - 1] >> doc_bits); };
@@ -469,7 +669,7 @@ std::tuple<at::Tensor, at::Tensor> ngram_bag_backward_cpu(
     }
   });
 
-  at::Tensor values = at::empty({nnz, D}, grad.options());
+  at::Tensor values = OutputPool::get().empty({nnz, D}, grad.options());
   if (values.numel() == 0) return {rows, values};
   const uint64_t doc_mask = (uint64_t{1} << doc_bits) - 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ngram_bag_backward_cpu", [&] {

@@ -299,6 +299,35 @@ def test_backward_is_bitwise_deterministic_across_thread_counts():
         assert torch.equal(y, res[0][0]) and torch.equal(i, res[0][1]) and torch.equal(v, res[0][2])
 
 
+def test_large_gradient_from_the_buffer_pool():
+    """Values of >= 16 MB come from reused blocks: a gradient kept alive is never overwritten by
+    the next backward, freed ones are reused, and accumulation into .grad still works."""
+    tokens, offsets = _docs([120] * 300, vocab=30000)
+    W = torch.randn(30000 + 100003, 256)
+    g = torch.randn(300, 256)
+    dense = _dense_grad(tokens, offsets, W, (1, 2, 3), "mean", g, dict(num_buckets=100003, unigram_rows=30000))
+
+    def grad_once():
+        Wr = W.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(ngram_bag(tokens, offsets, Wr, (1, 2, 3), "mean", unigram_rows=30000), [Wr], g)
+        return gw
+
+    first = grad_once()
+    assert first.values().numel() * 4 >= 16 << 20
+    kept = first.values().clone()
+    second = grad_once()  # `first` is alive: a different block
+    assert first.values().data_ptr() != second.values().data_ptr()
+    assert torch.equal(first.values(), kept) and torch.equal(second.values(), kept)
+    torch.testing.assert_close(second.to_dense(), dense)
+    del first, second
+    for _ in range(2):  # freed blocks come back
+        torch.testing.assert_close(grad_once().to_dense(), dense)
+    Wr = W.clone().requires_grad_()
+    for _ in range(2):  # gradient accumulation into .grad (sparse + sparse)
+        ngram_bag(tokens, offsets, Wr, (1, 2, 3), "mean", unigram_rows=30000).backward(g)
+    torch.testing.assert_close(Wr.grad.to_dense(), 2 * dense)
+
+
 def test_backward_op_returns_sorted_unique_rows():
     tokens, offsets = _docs([20, 30, 1, 0])
     g = torch.randn(4, 5)
