@@ -37,12 +37,14 @@ bench: build
 	$(PY) bench/render_kron.py
 	$(PY) bench/render_fnet.py
 	$(PY) bench/render_mask.py
+	$(PY) bench/render_ngram.py
 
 bench-quick: build
 	$(BENCH_ENV) EFFNLP_BENCH_QUICK=1 $(PY) -m pytest -q bench -p no:cacheprovider
 	$(PY) bench/render_kron.py bench/results/kron_quick.json
 	$(PY) bench/render_fnet.py --quick
 	$(PY) bench/render_mask.py bench/results/mask_quick.json
+	$(PY) bench/render_ngram.py bench/results/ngram_quick.json
 
 demo: build
 	$(BENCH_ENV) $(PY) -m effnlp_ext.cli demo
