@@ -232,11 +232,12 @@ struct Ahead {
   const int64_t* next;
   int64_t n_next;
   int64_t dist;
+  int64_t ld;  // row stride of the table
   template <typename T>
   C10_ALWAYS_INLINE void prefetch(const T* W, int64_t D, int64_t i) const {
     const int64_t j = i + dist;
     const int64_t r = j < n ? rows[j] : (j - n < n_next ? next[j - n] : -1);
-    if (r >= 0) prefetch_row(W + r * D, D * static_cast<int64_t>(sizeof(T)));
+    if (r >= 0) prefetch_row(W + r * ld, D * static_cast<int64_t>(sizeof(T)));
   }
 };
 
@@ -263,7 +264,7 @@ inline void sum_block(const T* W, int64_t D, int64_t d0, const Ahead& ah, at::op
   for (int v = 0; v < NV; ++v) a[v] = Vec(0);
   for (int64_t i = 0; i < ah.n; ++i) {
     if constexpr (PF) ah.prefetch(W, D, i);
-    const T* r = W + ah.rows[i] * D + d0;
+    const T* r = W + ah.rows[i] * ah.ld + d0;
     for (int v = 0; v < NV; ++v) a[v] = a[v] + load_as_acc<T>(r + v * VA);
   }
   for (int v = 0; v < NV; ++v) a[v].store(acc + d0 + v * VA);
@@ -276,7 +277,7 @@ inline void sum_tail(const T* W, int64_t D, int64_t d0, const Ahead& ah, at::opm
   const int64_t m = D - d0;
   for (int64_t i = 0; i < ah.n; ++i) {
     if constexpr (PF) ah.prefetch(W, D, i);
-    const T* r = W + ah.rows[i] * D + d0;
+    const T* r = W + ah.rows[i] * ah.ld + d0;
     for (int64_t k = 0; k < m; ++k) t[k] += static_cast<A>(r[k]);
   }
   for (int64_t k = 0; k < m; ++k) acc[d0 + k] = t[k];
@@ -314,7 +315,7 @@ void gather_sum(const T* W, int64_t D, const Ahead& ah, at::opmath_type<T>* acc)
 }
 
 template <typename T>
-void ngram_bag_impl(const at::Tensor& tokens, const at::Tensor& offsets, const T* W, int64_t D,
+void ngram_bag_impl(const at::Tensor& tokens, const at::Tensor& offsets, const T* W, int64_t D, int64_t ld,
                     const Router& router, bool mean, T* out) {
   using A = at::opmath_type<T>;
   const int64_t N = tokens.size(0), B = offsets.size(0);
@@ -337,7 +338,7 @@ void ngram_bag_impl(const at::Tensor& tokens, const at::Tensor& offsets, const T
     int64_t n = rows_of(b0, cur_buf);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n_next = b + 1 < b1 ? rows_of(b + 1, next_buf) : 0;
-      const Ahead ah{cur_buf.data(), n, next_buf.data(), n_next, kPrefetchAhead};
+      const Ahead ah{cur_buf.data(), n, next_buf.data(), n_next, kPrefetchAhead, ld};
       A* acc;
       if constexpr (std::is_same_v<T, A>) {
         acc = out + b * D;
@@ -378,7 +379,9 @@ at::Tensor ngram_bag_cpu(const at::Tensor& tokens_in, const at::Tensor& offsets_
   }
   const at::Tensor tokens = tokens_in.contiguous(), offsets = offsets_in.contiguous();
   check_data(op, tokens, offsets, s);
-  const at::Tensor W = weight.contiguous();
+  // Rows may be strided (a view such as table[:, :D]): only the row itself must be contiguous,
+  // so a large table is never copied for it.
+  const at::Tensor W = weight.stride(1) == 1 || weight.size(1) <= 1 ? weight : weight.contiguous();
   const std::optional<at::Tensor> vk = s.vocab ? std::optional<at::Tensor>(vocab_keys->contiguous()) : std::nullopt;
   const std::optional<at::Tensor> vr = s.vocab ? std::optional<at::Tensor>(vocab_rows->contiguous()) : std::nullopt;
   const int64_t B = offsets.size(0), D = W.size(1);
@@ -386,7 +389,7 @@ at::Tensor ngram_bag_cpu(const at::Tensor& tokens_in, const at::Tensor& offsets_
   if (out.numel() == 0) return out;
   const Router router(s, vk, vr, W.size(0), op);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "ngram_bag_cpu", [&] {
-    ngram_bag_impl<scalar_t>(tokens, offsets, W.data_ptr<scalar_t>(), D, router, mode == 1,
+    ngram_bag_impl<scalar_t>(tokens, offsets, W.data_ptr<scalar_t>(), D, W.stride(0), router, mode == 1,
                              out.data_ptr<scalar_t>());
   });
   return out;

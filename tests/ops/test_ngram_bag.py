@@ -193,6 +193,13 @@ def test_non_contiguous_inputs(mode):
     assert not (tok_nc.is_contiguous() or off_nc.is_contiguous() or W.is_contiguous())
     y = ngram_bag(tok_nc, off_nc, W, (1, 2, 3), mode, unigram_rows=VOCAB)
     torch.testing.assert_close(y, ngram_bag(tokens, offsets, W.contiguous(), (1, 2, 3), mode, unigram_rows=VOCAB))
+    # rows strided in a wider table (read in place), and zero-stride rows
+    Wv = torch.randn(97 + VOCAB, 20, dtype=torch.float64)[:, 3:11]
+    torch.testing.assert_close(ngram_bag(tokens, offsets, Wv, (1, 2, 3), mode, unigram_rows=VOCAB),
+                               ngram_bag(tokens, offsets, Wv.contiguous(), (1, 2, 3), mode, unigram_rows=VOCAB))
+    We = torch.randn(1, 8, dtype=torch.float64).expand(97 + VOCAB, 8)
+    torch.testing.assert_close(ngram_bag(tokens, offsets, We, (1, 2, 3), mode, unigram_rows=VOCAB),
+                               ngram_bag(tokens, offsets, We.contiguous(), (1, 2, 3), mode, unigram_rows=VOCAB))
     ids, io = ngram_ids(tok_nc, off_nc, (1, 2, 3), 97, VOCAB)
     assert torch.equal(ids, ngram_ids(tokens, offsets, (1, 2, 3), 97, VOCAB)[0])
     Wr = W.clone().requires_grad_()
