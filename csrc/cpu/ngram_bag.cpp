@@ -7,8 +7,8 @@
 // scratch, never a tensor), then the rows are summed in register blocks of 8 vectors, one pass
 // over the rows per block. The table is far larger than the caches, so this is a gather bound
 // by how many row misses are in flight: the first pass prefetches whole rows a dozen n-grams
-// ahead into L2 (running on into the next document's rows, hashed before this one is summed)
-// and the later passes read them from L2. Accumulating in registers matters as much: adding
+// ahead into L2 (running on into the next document's rows: documents are hashed a block of
+// ~16k rows ahead of the gather) and the later passes read them from L2. Accumulating in registers matters as much: adding
 // each row into a row in memory (a store per vector per row) filled the store queue and held
 // the out-of-order window to ~2 rows (~2x slower, measured in a stand-alone gather loop).
 //
@@ -71,42 +71,60 @@ struct Router {
     }
   }
 
-  inline int64_t row(uint64_t chain, int64_t order, int64_t first_token) const {
-    if (order == 1 && s->direct_unigrams) return first_token;
+  enum class Mode { kBuckets, kRaw, kVocab };
+  Mode mode() const { return s->raw ? Mode::kRaw : (s->vocab ? Mode::kVocab : Mode::kBuckets); }
+
+  template <Mode M>
+  C10_ALWAYS_INLINE int64_t row(uint64_t chain, int64_t order, int64_t first_token) const {
+    if (M == Mode::kBuckets && order == 1 && s->direct_unigrams) return first_token;
     const uint64_t h = finish(chain, order);
-    if (s->raw) return static_cast<int64_t>(h);
-    if (s->vocab) {
+    if constexpr (M == Mode::kRaw) {
+      return static_cast<int64_t>(h);
+    } else if constexpr (M == Mode::kVocab) {
       const int64_t r = vocab_find(vkeys, vrows, vmask, h);
       TORCH_CHECK(r == kDropped || (r >= 0 && r < num_rows), op, ": vocab_rows holds row ", r,
                   " for a present key, outside the table's ", num_rows, " rows");
       return r;
+    } else {
+      return s->U + static_cast<int64_t>(mod.of_top63(h));
     }
-    return s->U + static_cast<int64_t>(mod.of_top63(h));
   }
 
-  // Calls emit(row) for every kept n-gram of tok[0..len), by position, then by increasing order;
-  // in raw mode every value is a hash (nothing is dropped). Returns the number emitted.
-  template <typename F>
-  inline int64_t for_each(const int64_t* tok, int64_t len, F&& emit) const {
+  template <Mode M, typename F>
+  C10_ALWAYS_INLINE int64_t for_each_as(const int64_t* tok, int64_t len, F& emit) const {
     const int64_t* orders = s->orders.data();
-    const int64_t nj = s->num_orders();
+    const int64_t nj = s->num_orders(), top = s->max_order;
     int64_t kept = 0;
     for (int64_t p = 0; p < len; ++p) {
-      const int64_t avail = std::min(len - p, s->max_order);
+      const int64_t avail = std::min(len - p, top);
       uint64_t h = kBasis;
       int64_t j = 0;
       for (int64_t k = 0; k < avail && j < nj; ++k) {
         h = step(h, tok[p + k]);
         if (k + 1 == orders[j]) {
-          const int64_t r = row(h, k + 1, tok[p]);
+          const int64_t r = row<M>(h, k + 1, tok[p]);
           ++j;
-          if (!s->raw && r == kDropped) continue;
+          if (M == Mode::kVocab && r == kDropped) continue;
           emit(r);
           ++kept;
         }
       }
     }
     return kept;
+  }
+
+  // Calls emit(row) for every kept n-gram of tok[0..len), by position, then by increasing order;
+  // in raw mode every value is a hash (nothing is dropped). Returns the number emitted.
+  template <typename F>
+  inline int64_t for_each(const int64_t* tok, int64_t len, F&& emit) const {
+    switch (mode()) {
+      case Mode::kRaw:
+        return for_each_as<Mode::kRaw>(tok, len, emit);
+      case Mode::kVocab:
+        return for_each_as<Mode::kVocab>(tok, len, emit);
+      default:
+        return for_each_as<Mode::kBuckets>(tok, len, emit);
+    }
   }
 };
 
@@ -314,6 +332,11 @@ void gather_sum(const T* W, int64_t D, const Ahead& ah, at::opmath_type<T>* acc)
   }
 }
 
+// Rows hashed ahead of the gather, in n-grams: a block of documents is hashed into one
+// contiguous run of rows (128 KB, L2-resident), then summed document by document, so the
+// prefetches run on from one document into the next.
+constexpr int64_t kBlockRows = 16384;
+
 template <typename T>
 void ngram_bag_impl(const at::Tensor& tokens, const at::Tensor& offsets, const T* W, int64_t D, int64_t ld,
                     const Router& router, bool mean, T* out) {
@@ -323,39 +346,45 @@ void ngram_bag_impl(const at::Tensor& tokens, const at::Tensor& offsets, const T
   const int64_t* off = offsets.data_ptr<int64_t>();
   const NgramSpec& s = *router.s;
   parallel_doc_ranges(off, B, N, [&](int64_t b0, int64_t b1) {
-    // The rows of document b and of b + 1 (computed before b is summed, so that the prefetches
-    // run on into it).
-    thread_local std::vector<int64_t> cur_buf, next_buf;
-    auto rows_of = [&](int64_t b, std::vector<int64_t>& buf) {
-      const int64_t start = off[b], len = doc_end(off, B, N, b) - start;
-      const int64_t cap = s.ngrams_in(len);
-      if (static_cast<int64_t>(buf.size()) < cap) buf.resize(cap);
-      int64_t* r = buf.data();
-      return router.for_each(tok + start, len, [&](int64_t row) { *r++ = row; });
-    };
+    thread_local std::vector<int64_t> rows, starts;
     std::vector<A>& buf = scratch_vec<A>();
     if (static_cast<int64_t>(buf.size()) < D) buf.resize(D);
-    int64_t n = rows_of(b0, cur_buf);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n_next = b + 1 < b1 ? rows_of(b + 1, next_buf) : 0;
-      const Ahead ah{cur_buf.data(), n, next_buf.data(), n_next, kPrefetchAhead, ld};
-      A* acc;
-      if constexpr (std::is_same_v<T, A>) {
-        acc = out + b * D;
-      } else {
-        acc = buf.data();
+    for (int64_t c0 = b0; c0 < b1;) {
+      // Hash documents c0 .. c1 (at least one, then while under kBlockRows rows).
+      starts.clear();
+      int64_t used = 0, c1 = c0;
+      while (c1 < b1 && (c1 == c0 || used < kBlockRows)) {
+        const int64_t start = off[c1], len = doc_end(off, B, N, c1) - start;
+        const int64_t need = used + s.ngrams_in(len);
+        if (static_cast<int64_t>(rows.size()) < need) {
+          rows.resize(std::max<int64_t>(need, 2 * static_cast<int64_t>(rows.size())));
+        }
+        starts.push_back(used);
+        int64_t* r = rows.data() + used;
+        used += router.for_each(tok + start, len, [&](int64_t row) { *r++ = row; });
+        ++c1;
       }
-      gather_sum<T>(W, D, ah, acc);
-      if (mean && n > 1) {
-        const A c = static_cast<A>(n);
-        for (int64_t d = 0; d < D; ++d) acc[d] /= c;
+      starts.push_back(used);
+      for (int64_t b = c0; b < c1; ++b) {
+        const int64_t i0 = starts[b - c0], i1 = starts[b - c0 + 1], n = i1 - i0;
+        const Ahead ah{rows.data() + i0, n, rows.data() + i1, used - i1, kPrefetchAhead, ld};
+        A* acc;
+        if constexpr (std::is_same_v<T, A>) {
+          acc = out + b * D;
+        } else {
+          acc = buf.data();
+        }
+        gather_sum<T>(W, D, ah, acc);
+        if (mean && n > 1) {
+          const A c = static_cast<A>(n);
+          for (int64_t d = 0; d < D; ++d) acc[d] /= c;
+        }
+        if constexpr (!std::is_same_v<T, A>) {
+          T* o = out + b * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
+        }
       }
-      if constexpr (!std::is_same_v<T, A>) {
-        T* o = out + b * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
-      }
-      std::swap(cur_buf, next_buf);
-      n = n_next;
+      c0 = c1;
     }
   });
 }
