@@ -11,12 +11,12 @@ import torch
 from . import _C  # noqa: F401  registers torch.ops.effnlp.*
 from . import _ops
 from ._ops import (build_vocab_table, fourier_mix, kron_linear, masked_linear, ngram_bag, ngram_ids,
-                   sparse_linear)
+                   restore_coalesced_flag, sparse_linear)
 from . import fnet, kronecker
 from .kronecker import KronEmbedding, KronLinear
 
 __all__ = ["build_vocab_table", "fourier_mix", "kron_linear", "masked_linear", "ngram_bag", "ngram_ids",
-           "sparse_linear", "fnet", "kronecker", "KronLinear", "KronEmbedding", "has_cuda_kernels"]
+           "restore_coalesced_flag", "sparse_linear", "fnet", "kronecker", "KronLinear", "KronEmbedding", "has_cuda_kernels"]
 __version__ = "0.1.0"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .fourier_mix import fourier_mix
 from .kron_linear import kron_linear
 from .masked_linear import masked_linear, sparse_linear
-from .ngram_bag import build_vocab_table, ngram_bag, ngram_ids
+from .ngram_bag import build_vocab_table, ngram_bag, ngram_ids, restore_coalesced_flag
 
 __all__ = ["build_vocab_table", "fourier_mix", "kron_linear", "masked_linear", "ngram_bag",
-           "ngram_ids", "sparse_linear"]
+           "ngram_ids", "restore_coalesced_flag", "sparse_linear"]

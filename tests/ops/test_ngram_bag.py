@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import effnlp_ext
-from effnlp_ext import build_vocab_table, ngram_bag, ngram_ids
+from effnlp_ext import build_vocab_table, ngram_bag, ngram_ids, restore_coalesced_flag
 from effnlp_ext.reference import (NGRAM_EMPTY_KEY, _as_int64, ngram_bag_ref, ngram_hash_py,
                                   ngram_ids_ref, vocab_lookup_ref)
 
@@ -368,6 +368,24 @@ def test_sparse_adam_step():
     untouched = torch.ones(W0.shape[0], dtype=torch.bool)
     untouched[ids] = False
     assert torch.equal(emb.detach()[untouched], W0[untouched])
+
+
+def test_restore_coalesced_flag():
+    """W.grad loses the coalesced flag in AccumulateGrad (pytorch/pytorch#105916); the helper
+    restores it only where the indices prove it (strictly increasing)."""
+    tokens, offsets = _docs([10, 25, 7])
+    W = torch.randn(VOCAB + 61, 8, requires_grad=True)
+    ngram_bag(tokens, offsets, W, (1, 2, 3), unigram_rows=VOCAB).sum().backward()
+    assert not W.grad.is_coalesced()
+    before = W.grad._values().clone()
+    assert restore_coalesced_flag(W) and W.grad.is_coalesced()
+    assert torch.equal(W.grad.values(), before)
+    # an uncoalesced gradient (embedding_bag's, with repeated rows) is left alone
+    W2 = torch.randn(VOCAB + 61, 8, requires_grad=True)
+    ids, io = ngram_ids(tokens, offsets, (1, 2, 3), 61, VOCAB)
+    F.embedding_bag(ids, W2, io, sparse=True).sum().backward()
+    assert not restore_coalesced_flag(W2) and not W2.grad.is_coalesced()
+    assert not restore_coalesced_flag(torch.zeros(3, requires_grad=True))
 
 
 def test_empty_batch_backward():
