@@ -38,6 +38,7 @@ bench: build
 	$(PY) bench/render_fnet.py
 	$(PY) bench/render_mask.py
 	$(PY) bench/render_rational.py
+	$(PY) bench/render_ngram.py
 
 bench-quick: build
 	$(BENCH_ENV) EFFNLP_BENCH_QUICK=1 $(PY) -m pytest -q bench -p no:cacheprovider
@@ -45,6 +46,7 @@ bench-quick: build
 	$(PY) bench/render_fnet.py --quick
 	$(PY) bench/render_mask.py bench/results/mask_quick.json
 	$(PY) bench/render_rational.py bench/results/rational_quick.json
+	$(PY) bench/render_ngram.py bench/results/ngram_quick.json
 
 demo: build
 	$(BENCH_ENV) $(PY) -m effnlp_ext.cli demo

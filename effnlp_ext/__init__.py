@@ -11,13 +11,14 @@ import torch
 from . import _C  # noqa: F401  registers torch.ops.effnlp.*
 from . import _ops
 from ._ops import (build_vocab_table, fourier_mix, hash_words, kron_linear, masked_linear,
-                   ngram_bag, ngram_ids, rational, sparse_linear)
+                   ngram_bag, ngram_ids, rational, restore_coalesced_flag, sparse_linear)
 from . import adapters, dan, fnet, kronecker
 from .kronecker import KronEmbedding, KronLinear
 
 __all__ = ["build_vocab_table", "fourier_mix", "hash_words", "kron_linear", "masked_linear",
-           "ngram_bag", "ngram_ids", "rational", "sparse_linear", "adapters", "dan", "fnet",
-           "kronecker", "KronLinear", "KronEmbedding", "has_cuda_kernels"]
+           "ngram_bag", "ngram_ids", "rational", "restore_coalesced_flag", "sparse_linear",
+           "adapters", "dan", "fnet", "kronecker", "KronLinear", "KronEmbedding",
+           "has_cuda_kernels"]
 __version__ = "0.1.0"
 
 
