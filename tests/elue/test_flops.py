@@ -122,3 +122,10 @@ def test_kron_compressed_layer_closed_form():
             want += 2 * L * mod.in_features * mod.out_features
     assert flops == want, by_op
     assert "effnlp._kron_linear_forward" in by_op
+
+
+def test_rational_counts_both_horner_chains():
+    x = torch.randn(7, 10)
+    num, den = torch.randn(6), torch.randn(4)
+    flops, by_op = count_flops(lambda: effnlp_ext.rational(x, num, den))
+    assert flops == 70 * (2 * 5 + 2 * 4 + 3), by_op
