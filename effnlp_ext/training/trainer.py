@@ -441,6 +441,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.sparse_optimizer is not None:
+            from .._ops.ngram_bag import restore_coalesced_flag
+
+            for p in self.sparse_params:   # skip SparseAdam's re-coalescing of coalesced grads
+                restore_coalesced_flag(p)
             self.sparse_optimizer.step()
             self.sparse_scheduler.step()
             self.sparse_optimizer.zero_grad(set_to_none=True)
