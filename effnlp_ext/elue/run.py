@@ -71,8 +71,11 @@ def discover(task: str, runs_dir: Path, teacher_train_size: int | None = None) -
         def load_me(path=me):
             from ..training.teacher import OFFLINE_BASE, base_model_path
             from .multi_exit import MultiExitBert
+            meta = json.loads((path / "results.json").read_text()) \
+                if (path / "results.json").exists() else {}
             m = MultiExitBert.from_pretrained(base_model_path(OFFLINE_BASE),
-                                              get_task(task).num_labels)
+                                              get_task(task).num_labels,
+                                              pooling=meta.get("pooling", "cls"))
             m.load_state_dict(torch.load(path / "multi_exit.pt"))
             return m.eval()
         found.append(Candidate("multi-exit MiniLM (ElasticBERT-style)", "multi-exit",

@@ -14,12 +14,12 @@ from effnlp_ext.elue.multi_exit import (MultiExitBert, _ScaleGrad, collect_exits
 H, I = 32, 64
 
 
-def _model(layers=3, ge=True):
+def _model(layers=3, ge=True, pooling="cls"):
     cfg = BertConfig(vocab_size=60, hidden_size=H, num_hidden_layers=layers, num_attention_heads=4,
                      intermediate_size=I, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, attn_implementation="eager")
     torch.manual_seed(0)
-    return MultiExitBert(BertModel(cfg), 2, dropout=0.0, gradient_equilibrium=ge)
+    return MultiExitBert(BertModel(cfg), 2, dropout=0.0, gradient_equilibrium=ge, pooling=pooling)
 
 
 def _batch(B=6, L=9):
@@ -72,8 +72,9 @@ def test_exit_costs_closed_form():
 
 @pytest.mark.parametrize("policy, values", [("entropy", [0.0, 0.3, 0.6, 0.7]),
                                             ("patience", [0, 1, 2])])
-def test_early_exit_matches_curve_decisions(policy, values):
-    model = _model().eval()
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_early_exit_matches_curve_decisions(policy, values, pooling):
+    model = _model(pooling=pooling).eval()
     ids, mask, labels = _batch()
     loader = [{"input_ids": ids, "attention_mask": mask, "labels": labels}]
     all_logits, lab, lengths = collect_exits(model, loader)
@@ -111,3 +112,13 @@ def test_early_exit_stops_computing_and_curves_span_cost():
     assert (entropy(torch.zeros(2, 2)) - math.log(2)).abs().max() < 1e-6
     with pytest.raises(ValueError, match="policy"):
         model.early_exit(ids, mask, policy="random")
+
+
+def test_mean_pooling_ignores_padding():
+    model = _model(pooling="mean").eval()
+    ids, mask, _ = _batch()
+    full = model(ids, mask).all_logits[:, 1]
+    alone = model(ids[1:2, :5], mask[1:2, :5]).all_logits[:, 0]
+    torch.testing.assert_close(full, alone, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        _model(pooling="max")
