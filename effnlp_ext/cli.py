@@ -192,7 +192,7 @@ def elue(args) -> int:
     from .elue.run import run_elue
 
     out = args.out or Path("experiments") / "results" / f"elue-{args.task}"
-    res = run_elue(args.task, args.data_dir, out, args.runs_dir, flops_samples=args.flops_samples)
+    res = run_elue(args.task, args.data_dir, out, args.runs_dir)
     print((Path(out) / "table.md").read_text())
     print(f"plot: {res['plot']}")
     return 0
@@ -384,7 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     er = esub.add_parser("run", help="evaluate every method's model found in --runs-dir")
     er.add_argument("--task", default="sst2")
     er.add_argument("--runs-dir", type=Path, default=Path("experiments") / "runs")
-    er.add_argument("--flops-samples", type=int, default=200)
     er.add_argument("--data-dir", type=Path, default=_default_data_dir())
     er.add_argument("--out", type=Path, default=None)
     bf = sub.add_parser("bench-fnet", help="fourier_mix benchmark tables")

@@ -7,8 +7,8 @@ Candidates are found in a runs folder (what the recipes write) and the teacher c
   dan-*         DAN students (``<run>/main/model`` or ``<run>/model``, dan/recipe.py)
   multi-exit    the ElasticBERT-style baseline (``<run>/multi_exit.pt``): its static exits are
                 the baseline curve of the ELUE score, its entropy exits are plotted too.
-For each: dev accuracy, per-sample FLOPs/MACs (each sample alone, the first ``flops_samples``
-dev samples), parameters, CPU latency at batch 1 and 32 (tokenisation excluded for the
+For each: dev accuracy, per-sample FLOPs/MACs (every dev sample at its own length; a
+transformer's are counted once per distinct length), parameters, CPU latency at batch 1 and 32 (tokenisation excluded for the
 transformers, included for the DAN, which takes raw text), and the ELUE score against the
 baseline. Writes results.json, table.md and pareto.png in ``out``.
 """
@@ -87,7 +87,7 @@ def _texts(examples):
     return [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
 
 
-def measure(c: Candidate, task: str, dev, tokenizer, flops_samples: int) -> dict | list[dict]:
+def measure(c: Candidate, task: str, dev, tokenizer) -> dict | list[dict]:
     model = c.load().eval()
     spec = get_task(task)
     if c.kind == "dan":
@@ -97,7 +97,7 @@ def measure(c: Candidate, task: str, dev, tokenizer, flops_samples: int) -> dict
         labels = torch.tensor([e.label for e in dev])
         acc = float((logits.argmax(-1) == labels).float().mean())
         flops = sum(count_flops(lambda t=t: model(*DAN.encode([t])))[0]
-                    for t in texts[:flops_samples]) / max(1, min(flops_samples, len(texts)))
+                    for t in texts) / max(1, len(texts))
         from ..benchmarking import median_time
         lat1 = median_time(lambda: model(*DAN.encode(texts[:1])), min_time=0.5) * 1e3
         lat32 = median_time(lambda: model(*DAN.encode(texts[:32])), min_time=0.5) * 1e3
@@ -105,8 +105,6 @@ def measure(c: Candidate, task: str, dev, tokenizer, flops_samples: int) -> dict
                 "params": model.num_parameters()["total"], "ms_b1": lat1, "ms_b32": lat32}
     feats = encode(dev, tokenizer, 128)
     collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
-    singles = [{k: torch.tensor([v]) for k, v in f.items() if k != "labels"}
-               for f in feats[:flops_samples]]
     if c.kind == "multi_exit":
         from .multi_exit import collect_exits, default_thresholds, dynamic_curve, static_curve
         loader = DataLoader(feats, batch_size=64, collate_fn=collator)
@@ -122,13 +120,21 @@ def measure(c: Candidate, task: str, dev, tokenizer, flops_samples: int) -> dict
                  "params": params, "baseline": r["policy"] == "static"} for r in rows]
     loader = DataLoader(feats, batch_size=64, collate_fn=collator)
     acc = evaluate(model, loader, spec.name)[spec.metrics[0]]
-    cost = per_sample_cost(model, singles)
-    return {"name": c.name, "group": c.group, "accuracy": acc, "flops": cost.flops,
-            "params": cost.params, "ms_b1": latency_ms(model, feats, collator, 1),
+    # a transformer's FLOPs depend on the length only: count one sample per distinct length and
+    # average over every dev sample (as the multi-exit curves do)
+    one_per_length = {}
+    for f in feats:
+        one_per_length.setdefault(len(f["input_ids"]), f)
+    per_length = {n: per_sample_cost(model, [{k: torch.tensor([v]) for k, v in f.items()
+                                              if k != "labels"}]).flops
+                  for n, f in one_per_length.items()}
+    flops = sum(per_length[len(f["input_ids"])] for f in feats) / max(1, len(feats))
+    return {"name": c.name, "group": c.group, "accuracy": acc, "flops": flops,
+            "params": count_parameters(model), "ms_b1": latency_ms(model, feats, collator, 1),
             "ms_b32": latency_ms(model, feats, collator, 32)}
 
 
-def run_elue(task: str, data_dir, out, runs_dir, *, flops_samples: int = 200,
+def run_elue(task: str, data_dir, out, runs_dir, *,
              candidates: list[Candidate] | None = None) -> dict:
     from transformers import AutoTokenizer
 
@@ -141,7 +147,7 @@ def run_elue(task: str, data_dir, out, runs_dir, *, flops_samples: int = 200,
     candidates = candidates if candidates is not None else discover(task, runs_dir)
     rows: list[dict] = []
     for c in candidates:
-        r = measure(c, task, dev, tokenizer, flops_samples)
+        r = measure(c, task, dev, tokenizer)
         rows.extend(r if isinstance(r, list) else [r])
     base = [(r["flops"], 100 * r["accuracy"]) for r in rows if r.get("baseline")]
     curve = baseline_curve(base) if base else None
@@ -155,7 +161,7 @@ def run_elue(task: str, data_dir, out, runs_dir, *, flops_samples: int = 200,
         r["pareto"] = r["name"] in front
     png = plot(points, out / "pareto.png", baseline=base or None,
                title=f"{task}: accuracy vs FLOPs per sample")
-    res = {"task": task, "dev_size": len(dev), "flops_samples": flops_samples, "rows": rows,
+    res = {"task": task, "dev_size": len(dev), "rows": rows,
            "plot": png, "baseline": "multi-exit static exits, log-FLOPs interpolation"}
     (out / "results.json").write_text(json.dumps(res, indent=2))
     (out / "table.md").write_text(render_table(res))
@@ -164,14 +170,15 @@ def run_elue(task: str, data_dir, out, runs_dir, *, flops_samples: int = 200,
 
 def render_table(res: dict) -> str:
     lines = [f"ELUE-style table, {res['task']} dev ({res['dev_size']} samples); FLOPs per sample "
-             f"(multiply and add apart; MACs = FLOPs/2) over the first {res['flops_samples']}; "
-             "ELUE score vs the multi-exit static curve (log-FLOPs interpolation); * Pareto.", "",
-             "| model | accuracy | GFLOPs/sample | params (M) | ms batch 1 | ms batch 32 | ELUE score |",
+             "(multiply and add apart; MACs = FLOPs/2), averaged over every dev sample at its own "
+             "length; ELUE score vs the multi-exit static curve (log-FLOPs interpolation, held at "
+             "its ends); * Pareto.", "",
+             "| model | accuracy | MFLOPs/sample | params (M) | ms batch 1 | ms batch 32 | ELUE score |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(res["rows"], key=lambda r: -r["flops"]):
         score = "" if r["elue_score"] is None else f"{r['elue_score']:+.2f}"
         lat = lambda k: f"{r[k]:.2f}" if k in r else ""  # noqa: E731
         lines.append(f"| {r['name']}{' *' if r['pareto'] else ''} | {100 * r['accuracy']:.2f} | "
-                     f"{r['flops'] / 1e9:.4f} | {(r['params'] or 0) / 1e6:.2f} | {lat('ms_b1')} | "
+                     f"{r['flops'] / 1e6:.4g} | {(r['params'] or 0) / 1e6:.2f} | {lat('ms_b1')} | "
                      f"{lat('ms_b32')} | {score} |")
     return "\n".join(lines) + "\n"

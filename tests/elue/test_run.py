@@ -35,7 +35,7 @@ def test_run_elue_tiny(tmp_path):
         Candidate("me", "multi-exit", "multi_exit", lambda: MultiExitBert(BertModel(cfg), 2)),
     ]
     res = run_elue("sst2", tmp_path / "data", tmp_path / "out", tmp_path / "runs",
-                   flops_samples=4, candidates=cands)
+                   candidates=cands)
     names = [r["name"] for r in res["rows"]]
     assert names[:2] == ["tiny bert", "tiny dan"] and "exit 1" in names and "exit 2" in names
     by = {r["name"]: r for r in res["rows"]}
