@@ -14,7 +14,6 @@ that survive a kill). Each run writes ``<out>/results.json``; a finished run is 
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,8 +21,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode, get_task, load_task
+from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode,
+                    get_task, load_task, seeded_subset)
 from ..training import TrainConfig, Trainer, linear_warmup_decay, param_groups
+from ..training.evaluate import evaluate
 from ..training.teacher import OFFLINE_BASE, base_model_path
 from .convert import (add_adapters, adapted_outputs, adapter_parameter_count, prune_adapters,
                       trainable_parameter_names)
@@ -49,25 +50,6 @@ class AdapterConfig:
     switch_lr_mult: float = 50.0      # the switch logits' learning rate is lr times this
     seed: int = 42
     progress: bool = False
-
-
-def subset(examples, size: int | None, seed: int):
-    if not size or size >= len(examples):
-        return list(examples)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in sorted(order[:size])]
-
-
-def evaluate(model, loader, task: str) -> dict:
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            batch = dict(batch)
-            labels.append(batch.pop("labels"))
-            logits.append(model(**batch).logits)
-    return compute_metrics(task, torch.cat(logits), torch.cat(labels))
 
 
 def _switch_learning_rate(trainer: Trainer, mult: float) -> None:
@@ -107,8 +89,8 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
     add_adapters(model, config.reduction_factor, activation, switch=switch, temperature=config.tau_start)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    train = subset(load_task(config.task, "train", data_dir), config.train_size, config.seed)
-    dev = subset(load_task(config.task, "dev", data_dir), config.dev_size, config.seed)
+    train = seeded_subset(load_task(config.task, "train", data_dir), config.train_size, config.seed)
+    dev = seeded_subset(load_task(config.task, "dev", data_dir), config.dev_size, config.seed)
     train_f, dev_f = encode(train, tokenizer, config.max_length), encode(dev, tokenizer, config.max_length)
     collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
     sampler = LengthBucketBatchSampler([len(f["input_ids"]) for f in train_f], config.batch_size,
