@@ -97,7 +97,8 @@ def plot(points: Sequence[Point], path, *, baseline: Sequence[tuple[float, float
         ps = sorted(ps, key=lambda p: p.flops)
         ax.plot([p.flops for p in ps], [p.perf for p in ps], marker="o",
                 linestyle="-" if len(ps) > 1 else "", label=g)
-        for p in ps:
+        # a curve is named by the legend; only its cheapest and dearest points get labels
+        for p in (ps if len(ps) == 1 else [ps[0], ps[-1]]):
             ax.annotate(p.name, (p.flops, p.perf), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     front = pareto_frontier(points)
