@@ -129,11 +129,17 @@ def has(op, key):
         return False
 
 
+# Host-only ops, CPU by design: hash_words tokenises raw text, which lives in host memory; its
+# ids are moved to the device afterwards.
+HOST_ONLY = {"effnlp::hash_words"}
+
 rows, failed = [], []
 for op in ops:
     cpu, cuda = has(op, "CPU"), has(op, "CUDA")
     if op not in registered:
         status = "FAIL (declared, not registered)"
+    elif op in HOST_ONLY and cpu:
+        status = "ok (host-only op)"
     elif cpu and not cuda:
         status = "FAIL (no CUDA kernel)"
     elif not cpu:
