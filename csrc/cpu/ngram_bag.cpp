@@ -200,18 +200,8 @@ at::Tensor ngram_bag_cpu(const at::Tensor& tokens_in, const at::Tensor& offsets_
                          const std::optional<at::Tensor>& vocab_keys,
                          const std::optional<at::Tensor>& vocab_rows, bool /*sparse*/) {
   const char* op = kNgramBag;
-  const NgramSpec s = check_ngram_args(op, tokens_in, offsets_in, orders, num_buckets, unigram_rows,
-                                       vocab_keys, vocab_rows, /*allow_raw=*/false);
-  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (sum) or 1 (mean), got ", mode);
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [rows, D], got ", weight.dim(), "-D ",
-              weight.sizes());
-  check_floating(op, weight, "weight");
-  TORCH_CHECK(weight.device() == tokens_in.device(), op, ": weight is on ", weight.device(),
-              " but tokens is on ", tokens_in.device(), "; all inputs must be on one device");
-  if (!s.vocab) {
-    TORCH_CHECK(weight.size(0) == s.U + s.K, op, ": weight has ", weight.size(0),
-                " rows but unigram_rows + num_buckets = ", s.U, " + ", s.K, " = ", s.U + s.K);
-  }
+  const NgramSpec s = check_ngram_bag(op, tokens_in, offsets_in, weight, orders, num_buckets,
+                                      unigram_rows, mode, vocab_keys, vocab_rows);
   const at::Tensor tokens = tokens_in.contiguous(), offsets = offsets_in.contiguous();
   check_data(op, tokens, offsets, s);
   // Rows may be strided (a view such as table[:, :D]): only the row itself must be contiguous,

@@ -189,20 +189,10 @@ std::tuple<at::Tensor, at::Tensor> ngram_bag_backward_cpu(
     int64_t num_buckets, int64_t unigram_rows, int64_t mode, int64_t num_weights,
     const std::optional<at::Tensor>& vocab_keys, const std::optional<at::Tensor>& vocab_rows) {
   const char* op = kNgramBagBackward;
-  const NgramSpec s = check_ngram_args(op, tokens_in, offsets_in, orders, num_buckets, unigram_rows,
-                                       vocab_keys, vocab_rows, /*allow_raw=*/false);
-  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (sum) or 1 (mean), got ", mode);
-  check_floating(op, grad, "grad");
-  TORCH_CHECK(grad.device() == tokens_in.device(), op, ": grad is on ", grad.device(),
-              " but tokens is on ", tokens_in.device(), "; all inputs must be on one device");
+  const NgramSpec s = check_ngram_bag_backward(op, grad, tokens_in, offsets_in, orders, num_buckets,
+                                               unigram_rows, mode, num_weights, vocab_keys,
+                                               vocab_rows);
   const int64_t B = offsets_in.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B, op, ": grad must be [B, D] with B = ", B,
-              " documents, got ", grad.sizes());
-  TORCH_CHECK(num_weights >= 0, op, ": num_weights must be >= 0, got ", num_weights);
-  if (!s.vocab) {
-    TORCH_CHECK(num_weights == s.U + s.K, op, ": num_weights = ", num_weights,
-                " but unigram_rows + num_buckets = ", s.U + s.K);
-  }
   const at::Tensor tokens = tokens_in.contiguous(), offsets = offsets_in.contiguous();
   check_data(op, tokens, offsets, s);
   const std::optional<at::Tensor> vk = s.vocab ? std::optional<at::Tensor>(vocab_keys->contiguous()) : std::nullopt;

@@ -278,10 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rational_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& numerator,
     const at::Tensor& denominator, std::array<bool, 3> mask) {
   const char* op = kRationalBackward;
-  const RationalShape s = check_rational(op, x, numerator, denominator);
-  check_same(op, x, "x", grad_y, "grad_y");
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y has shape ", grad_y.sizes(),
-              " but x has shape ", x.sizes());
+  const RationalShape s = check_rational_backward(op, grad_y, x, numerator, denominator);
   if (needs_upcast(x.scalar_type())) {
     auto up = [](const at::Tensor& t) { return t.to(at::kFloat); };
     auto g = rational_backward_cpu(up(grad_y), up(x), up(numerator), up(denominator), mask);

@@ -105,4 +105,51 @@ inline NgramSpec check_ngram_args(const char* op, const at::Tensor& tokens, cons
   return s;
 }
 
+// ngram_bag's inputs: the n-gram arguments, the mode and a 2-D floating table on the tokens'
+// device with unigram_rows + num_buckets rows (any row count with a vocabulary).
+inline NgramSpec check_ngram_bag(const char* op, const at::Tensor& tokens, const at::Tensor& offsets,
+                                 const at::Tensor& weight, at::IntArrayRef orders,
+                                 int64_t num_buckets, int64_t unigram_rows, int64_t mode,
+                                 const std::optional<at::Tensor>& vocab_keys,
+                                 const std::optional<at::Tensor>& vocab_rows) {
+  const NgramSpec s = check_ngram_args(op, tokens, offsets, orders, num_buckets, unigram_rows,
+                                       vocab_keys, vocab_rows, /*allow_raw=*/false);
+  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (sum) or 1 (mean), got ", mode);
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [rows, D], got ", weight.dim(), "-D ",
+              weight.sizes());
+  check_floating(op, weight, "weight");
+  TORCH_CHECK(weight.device() == tokens.device(), op, ": weight is on ", weight.device(),
+              " but tokens is on ", tokens.device(), "; all inputs must be on one device");
+  if (!s.vocab) {
+    TORCH_CHECK(weight.size(0) == s.U + s.K, op, ": weight has ", weight.size(0),
+                " rows but unigram_rows + num_buckets = ", s.U, " + ", s.K, " = ", s.U + s.K);
+  }
+  return s;
+}
+
+// _ngram_bag_backward's inputs: the n-gram arguments, the mode, grad [B, D] on the tokens'
+// device and num_weights (= unigram_rows + num_buckets without a vocabulary).
+inline NgramSpec check_ngram_bag_backward(const char* op, const at::Tensor& grad,
+                                          const at::Tensor& tokens, const at::Tensor& offsets,
+                                          at::IntArrayRef orders, int64_t num_buckets,
+                                          int64_t unigram_rows, int64_t mode, int64_t num_weights,
+                                          const std::optional<at::Tensor>& vocab_keys,
+                                          const std::optional<at::Tensor>& vocab_rows) {
+  const NgramSpec s = check_ngram_args(op, tokens, offsets, orders, num_buckets, unigram_rows,
+                                       vocab_keys, vocab_rows, /*allow_raw=*/false);
+  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (sum) or 1 (mean), got ", mode);
+  check_floating(op, grad, "grad");
+  TORCH_CHECK(grad.device() == tokens.device(), op, ": grad is on ", grad.device(),
+              " but tokens is on ", tokens.device(), "; all inputs must be on one device");
+  const int64_t B = offsets.size(0);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B, op, ": grad must be [B, D] with B = ", B,
+              " documents, got ", grad.sizes());
+  TORCH_CHECK(num_weights >= 0, op, ": num_weights must be >= 0, got ", num_weights);
+  if (!s.vocab) {
+    TORCH_CHECK(num_weights == s.U + s.K, op, ": num_weights = ", num_weights,
+                " but unigram_rows + num_buckets = ", s.U + s.K);
+  }
+  return s;
+}
+
 }  // namespace effnlp

@@ -114,4 +114,15 @@ EFFNLP_HD T rational_backward_one(T x, T gy, const C* a, int64_t num, const C* b
   return u * dp + v * ds;
 }
 
+// _rational_backward's inputs: rational's, plus grad_y of x's dtype, device and shape.
+inline RationalShape check_rational_backward(const char* op, const at::Tensor& grad_y,
+                                             const at::Tensor& x, const at::Tensor& numerator,
+                                             const at::Tensor& denominator) {
+  const RationalShape s = check_rational(op, x, numerator, denominator);
+  check_same(op, x, "x", grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y has shape ", grad_y.sizes(),
+              " but x has shape ", x.sizes());
+  return s;
+}
+
 }  // namespace effnlp
