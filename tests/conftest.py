@@ -38,3 +38,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+def tiny_bert(cls_name: str = "BertModel", *, hidden: int = 16, layers: int = 2,
+              intermediate: int = 24):
+    """A seeded tiny random HF BERT (vocabulary 50, 2 heads, 32 positions, 2 labels), eval mode."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=2, intermediate_size=intermediate,
+                                  max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def tiny_batch(n: int = 3, L: int = 7) -> dict:
+    """Seeded input ids for ``tiny_bert`` with the first row padded after 5 tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (n, L), generator=g)
+    mask = torch.ones(n, L, dtype=torch.long)
+    mask[0, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -23,21 +23,14 @@ FIT_BOUNDS = {"relu": 0.04, "leaky_relu": 0.04, "gelu": 1.5e-3, "tanh": 1e-5, "i
               "one": 1e-12}
 
 
+from ..conftest import tiny_batch
+from ..conftest import tiny_bert as _tiny_bert
+
 def tiny_bert(cls_name="BertForSequenceClassification", layers=3):
-    import transformers
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers,
-                                  num_attention_heads=2, intermediate_size=48,
-                                  max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    return getattr(transformers, cls_name)(cfg).eval()
+    return _tiny_bert(cls_name, hidden=32, layers=layers, intermediate=48)
 
 
-def _batch(n=3, L=7):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 50, (n, L), generator=g)
-    mask = torch.ones(n, L, dtype=torch.long)
-    mask[0, 5:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+_batch = tiny_batch
 
 
 def _out(model, batch):

@@ -12,22 +12,8 @@ from effnlp_ext.tamt import (MaskedEmbedding, MaskedLinear, SparseLinear, apply_
                              get_masks, init_scores, jaccard, mask_overlap, masked_modules,
                              reset_thresholds, set_masks, sparsity_report, topk_threshold)
 
-
-def tiny_bert(cls_name="BertModel"):
-    import transformers
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=24,
-                                  max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    return getattr(transformers, cls_name)(cfg).eval()
-
-
-def _batch(n=3, L=7):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 50, (n, L), generator=g)
-    mask = torch.ones(n, L, dtype=torch.long)
-    mask[0, 5:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+from ..conftest import tiny_batch as _batch
+from ..conftest import tiny_bert
 
 
 def test_masked_linear_is_a_drop_in_for_linear():
