@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from ..data import DynamicPaddingCollator, compute_metrics, get_task, load_task, seeded_subset
 from ..training import TrainConfig, Trainer
 from ..training.teacher import TeacherConfig, load_teacher, teacher_dir
+from .compare import throughput
 from .modules import DAN, DANConfig, collate_docs, split_docs
 from .vocab import NgramVocab, count_ngrams
 
@@ -73,19 +74,6 @@ def cached_teacher_logits(tconfig: TeacherConfig, teacher, tokenizer, split: str
     logits = teacher_logits(teacher, tokenizer, texts, max_length)
     torch.save(logits, path)
     return logits
-
-
-def texts_per_second(predict, texts, batch_size: int = 32, min_time: float = 2.0) -> float:
-    """End-to-end throughput of ``predict(list_of_texts)`` over ``texts`` in batches."""
-    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
-    predict(batches[0])
-    done, t0 = 0, time.perf_counter()
-    while True:
-        for b in batches:
-            predict(b)
-            done += len(b)
-            if time.perf_counter() - t0 >= min_time and done >= len(texts):
-                return done / (time.perf_counter() - t0)
 
 
 def teacher_predictor(teacher, tokenizer, max_length: int):
@@ -222,9 +210,9 @@ def distill_dan(config: SparseDistillConfig, data_dir: str | Path, out: str | Pa
         res["teacher_metrics"] = evaluate(teacher, enc_loader, task.name)
         res["teacher_params"] = sum(p.numel() for p in teacher.parameters())
         sample = dev_texts[:512]
-        res["teacher_texts_per_s_b32"] = texts_per_second(
+        res["teacher_texts_per_s_b32"] = throughput(
             teacher_predictor(teacher, tokenizer, config.teacher_max_length), sample)
-        res["student_texts_per_s_b32"] = texts_per_second(dan_predictor(student), sample)
+        res["student_texts_per_s_b32"] = throughput(dan_predictor(student), sample)
         res["throughput_ratio"] = res["student_texts_per_s_b32"] / res["teacher_texts_per_s_b32"]
     (out / "results.json").write_text(json.dumps(res, indent=2))
     return res
