@@ -96,7 +96,6 @@ class MultiExitBert(nn.Module):
         bert = self.bert
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self._token_mask = attention_mask
         emb = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         if hasattr(bert, "_create_attention_masks"):
             mask, _ = bert._create_attention_masks(
@@ -104,11 +103,11 @@ class MultiExitBert(nn.Module):
                 encoder_hidden_states=None, cache=None)
         else:
             mask = bert.get_extended_attention_mask(attention_mask, input_ids.shape)
-        return emb, mask
+        return emb, mask, attention_mask
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 max_exits: int | None = None) -> MultiExitOutput:
-        h, mask = self._prepare(input_ids, attention_mask, token_type_ids)
+        h, mask, tokens = self._prepare(input_ids, attention_mask, token_type_ids)
         n = self.num_exits if max_exits is None else max_exits
         ge = self.gradient_equilibrium and self.training and torch.is_grad_enabled()
         all_logits = []
@@ -116,7 +115,7 @@ class MultiExitBert(nn.Module):
             h = layer(h, mask)
             h = h[0] if isinstance(h, tuple) else h
             exit_in = _ScaleGrad.apply(h, 1.0 / (n - i)) if ge else h
-            all_logits.append(self.exits[i](exit_in, self._token_mask))
+            all_logits.append(self.exits[i](exit_in, tokens))
             if ge and i < n - 1:
                 h = _ScaleGrad.apply(h, (n - i - 1) / (n - i))
         stacked = torch.stack(all_logits)
@@ -132,7 +131,7 @@ class MultiExitBert(nn.Module):
         sample of the batch has exited."""
         if policy not in ("entropy", "patience"):
             raise ValueError(f"policy must be 'entropy' or 'patience', got {policy!r}")
-        h, mask = self._prepare(input_ids, attention_mask, token_type_ids)
+        h, mask, tokens = self._prepare(input_ids, attention_mask, token_type_ids)
         B = input_ids.shape[0]
         out = torch.zeros(B, self.num_labels)
         exit_at = torch.zeros(B, dtype=torch.long)
@@ -141,7 +140,7 @@ class MultiExitBert(nn.Module):
         for i, layer in enumerate(self.bert.encoder.layer):
             h = layer(h, mask)
             h = h[0] if isinstance(h, tuple) else h
-            logits = self.exits[i](h, self._token_mask).float()
+            logits = self.exits[i](h, tokens).float()
             active = exit_at == 0
             last = i == self.num_exits - 1
             if policy == "entropy":
