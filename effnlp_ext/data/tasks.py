@@ -152,10 +152,15 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
         "test": FileSpec("AG_News/test.csv", "csv", 1, 0, 2),
     }, ("world", "sports", "business", "sci_tech"), ("accuracy",),
         raw_labels={"1": 0, "2": 1, "3": 2, "4": 3}),
+    # the demo's embedded default (data/embedded.py writes these files from a registry wheel)
+    TaskSpec("rotten_tomatoes", {
+        "train": FileSpec("RottenTomatoes/train.tsv", "tsv", "sentence", "label", header=True),
+        "dev": FileSpec("RottenTomatoes/dev.tsv", "tsv", "sentence", "label", header=True),
+    }, ("rotten", "fresh"), ("accuracy",)),
 ]}
 
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "agnews": "ag_news", "ag-news": "ag_news",
-            "ag news": "ag_news"}
+            "ag news": "ag_news", "rt": "rotten_tomatoes"}
 
 
 def get_task(name: str) -> TaskSpec:
