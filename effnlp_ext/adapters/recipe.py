@@ -124,6 +124,7 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
                                    for i, o in adapted_outputs(model).items()}
         res["prune"] = prune_adapters(model)
         res["dev_pruned"] = evaluate(model, dev_loader, config.task)
+    model.save_pretrained(out / "model")      # adapters/load_adapted(out / "model") rebuilds it
     rationals = {i: o.adapter.act.numerator.detach().flatten().tolist()
                  for i, o in adapted_outputs(model).items()
                  if o.adapter is not None and hasattr(o.adapter.act, "numerator")}

@@ -11,6 +11,7 @@ throughput at batch 32 (raw text in, logits out: tokenisation included) measured
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,7 @@ class SparseDistillConfig:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def teacher_logits(teacher, tokenizer, texts, max_length: int, batch_size: int = 64):
     """Logits of ``teacher`` on ``texts``, in batches of similar length (no wasted padding)."""
     teacher.eval()
@@ -68,7 +70,8 @@ def teacher_logits(teacher, tokenizer, texts, max_length: int, batch_size: int =
 
 def cached_teacher_logits(tconfig: TeacherConfig, teacher, tokenizer, split: str, texts,
                           max_length: int) -> torch.Tensor:
-    path = teacher_dir(tconfig) / f"logits-{split}-{len(texts)}-L{max_length}.pt"
+    digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:10]
+    path = teacher_dir(tconfig) / f"logits-{split}-{len(texts)}-{digest}-L{max_length}.pt"
     if path.exists():
         return torch.load(path)
     logits = teacher_logits(teacher, tokenizer, texts, max_length)
@@ -139,15 +142,13 @@ def distill_dan(config: SparseDistillConfig, data_dir: str | Path, out: str | Pa
     full_train = load_task(task.name, "train", data_dir)
     if full_train and full_train[0].text_b is not None:
         raise ValueError(f"distill_dan: the DAN student takes single texts; {task.name} has pairs")
-    keep = seeded_subset(list(range(len(full_train))), config.train_size, config.seed)
-    train = [full_train[i] for i in keep]
+    train = seeded_subset(full_train, config.train_size, config.seed)
     dev = load_task(task.name, eval_split, data_dir)
     train_texts = [e.text_a for e in train]
     dev_texts = [e.text_a for e in dev]
     t0 = time.time()
-    all_logits = cached_teacher_logits(tconfig, teacher, tokenizer, "train",
-                                       [e.text_a for e in full_train], config.teacher_max_length)
-    logits = all_logits[keep]
+    logits = cached_teacher_logits(tconfig, teacher, tokenizer, "train", train_texts,
+                                   config.teacher_max_length)
     score_seconds = time.time() - t0
 
     train_ids = split_docs(*DAN.encode(train_texts))

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..benchmarking import median_time
-from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode, load_task,
-                    seeded_subset)
+from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode,
+                    get_task, load_task, seeded_subset)
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD
+from ..training.evaluate import accuracy, latency_ms
 from ..training.teacher import OFFLINE_BASE, base_model_path
 from .export import export
 from .modules import DEFAULT_TARGETS, apply_masks, masked_modules
@@ -66,16 +66,6 @@ class TamtConfig:
 def _tokenizer(base: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(base_model_path(base))
-
-
-def accuracy(model, loader, task: str) -> float:
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            labels.append(batch.pop("labels"))
-            logits.append(model(**batch).logits)
-    return compute_metrics(task, torch.cat(logits), torch.cat(labels))["accuracy"]
 
 
 def mlm_inputs(batch, tokenizer, probability: float, generator: torch.Generator):
@@ -164,12 +154,16 @@ def find_mask(config: TamtConfig, data_dir, out) -> dict:
     return masks
 
 
-def latency_ms(model, features, collator, batch_size: int) -> float:
-    model.eval()
-    batch = collator(features[:batch_size])
-    batch.pop("labels")
-    with torch.no_grad():
-        return median_time(lambda: model(**batch), min_rounds=5, min_time=1.0) * 1e3
+def load_ticket(path, targets=DEFAULT_TARGETS):
+    """The fine-tuned ticket saved by `finetune` in ``<out>/model``, exported for inference
+    (``SparseLinear`` where the density allows it, see `export`)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    apply_masks(model.bert, targets, train_weight=False)
+    set_masks(model.bert, torch.load(Path(path) / "masks.pt"))
+    export(model.bert)
+    return model.eval()
 
 
 def finetune(config: TamtConfig, masks: dict | None, data_dir, out) -> dict:
@@ -182,7 +176,8 @@ def finetune(config: TamtConfig, masks: dict | None, data_dir, out) -> dict:
         return json.loads((out / "results.json").read_text())
     path = base_model_path(config.base)
     tokenizer = _tokenizer(config.base)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=get_task(config.task).num_labels)
     if masks is not None:
         apply_masks(model.bert, config.targets, train_weight=True)
         set_masks(model.bert, masks)
@@ -213,6 +208,8 @@ def finetune(config: TamtConfig, masks: dict | None, data_dir, out) -> dict:
         res["export_kinds"] = export(exported.bert)
         dense = copy.deepcopy(model)
         export(dense.bert, sparse=False)
+        dense.save_pretrained(out / "model")    # the ticket, masks baked in: load_ticket()
+        torch.save(get_masks(model.bert), out / "model" / "masks.pt")
         res["exported_dev_accuracy"] = accuracy(exported, dev_loader, config.task)
         res["ms_b32_exported"] = latency_ms(exported, dev_f, collator, 32)
         res["ms_b32_dense_baked"] = latency_ms(dense, dev_f, collator, 32)
