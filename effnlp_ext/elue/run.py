@@ -87,8 +87,10 @@ def _texts(examples):
     return [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
 
 
-def measure(c: Candidate, task: str, dev, tokenizer) -> dict | list[dict]:
+def measure(c: Candidate, task: str, dev, tokenizer, latency: bool = True) -> dict | list[dict]:
     model = c.load().eval()
+    for p in model.parameters():      # measurement only: no autograd state on any output
+        p.requires_grad_(False)
     spec = get_task(task)
     if c.kind == "dan":
         from ..dan import DAN
@@ -98,11 +100,13 @@ def measure(c: Candidate, task: str, dev, tokenizer) -> dict | list[dict]:
         acc = float((logits.argmax(-1) == labels).float().mean())
         flops = sum(count_flops(lambda t=t: model(*DAN.encode([t])))[0]
                     for t in texts) / max(1, len(texts))
-        from ..benchmarking import median_time
-        lat1 = median_time(lambda: model(*DAN.encode(texts[:1])), min_time=0.5) * 1e3
-        lat32 = median_time(lambda: model(*DAN.encode(texts[:32])), min_time=0.5) * 1e3
-        return {"name": c.name, "group": c.group, "accuracy": acc, "flops": flops,
-                "params": model.num_parameters()["total"], "ms_b1": lat1, "ms_b32": lat32}
+        row = {"name": c.name, "group": c.group, "accuracy": acc, "flops": flops,
+               "params": model.num_parameters()["total"]}
+        if latency:
+            from ..benchmarking import median_time
+            row["ms_b1"] = median_time(lambda: model(*DAN.encode(texts[:1])), min_time=0.5) * 1e3
+            row["ms_b32"] = median_time(lambda: model(*DAN.encode(texts[:32])), min_time=0.5) * 1e3
+        return row
     feats = encode(dev, tokenizer, 128)
     collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
     if c.kind == "multi_exit":
@@ -129,13 +133,16 @@ def measure(c: Candidate, task: str, dev, tokenizer) -> dict | list[dict]:
                                               if k != "labels"}]).flops
                   for n, f in one_per_length.items()}
     flops = sum(per_length[len(f["input_ids"])] for f in feats) / max(1, len(feats))
-    return {"name": c.name, "group": c.group, "accuracy": acc, "flops": flops,
-            "params": count_parameters(model), "ms_b1": latency_ms(model, feats, collator, 1),
-            "ms_b32": latency_ms(model, feats, collator, 32)}
+    row = {"name": c.name, "group": c.group, "accuracy": acc, "flops": flops,
+           "params": count_parameters(model)}
+    if latency:
+        row["ms_b1"] = latency_ms(model, feats, collator, 1)
+        row["ms_b32"] = latency_ms(model, feats, collator, 32)
+    return row
 
 
 def run_elue(task: str, data_dir, out, runs_dir, *,
-             candidates: list[Candidate] | None = None) -> dict:
+             candidates: list[Candidate] | None = None, latency: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from ..training.teacher import OFFLINE_BASE, base_model_path
@@ -147,7 +154,7 @@ def run_elue(task: str, data_dir, out, runs_dir, *,
     candidates = candidates if candidates is not None else discover(task, runs_dir)
     rows: list[dict] = []
     for c in candidates:
-        r = measure(c, task, dev, tokenizer)
+        r = measure(c, task, dev, tokenizer, latency=latency)
         rows.extend(r if isinstance(r, list) else [r])
     base = [(r["flops"], 100 * r["accuracy"]) for r in rows if r.get("baseline")]
     curve = baseline_curve(base) if base else None
