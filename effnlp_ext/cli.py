@@ -282,7 +282,8 @@ def adapters(args) -> int:
                              train_size=args.train_size or None, dev_size=args.dev_size or None,
                              epochs=args.epochs, lr=args.lr, max_length=args.max_length,
                              reduction_factor=args.reduction_factor, seed=args.seed,
-                             switch_lr_mult=args.switch_lr_mult, progress=args.progress)
+                             switch_lr_mult=args.switch_lr_mult, switch_cost=args.switch_cost,
+                             progress=args.progress)
     print(format_comparison(summary))
     return 0
 
@@ -456,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     ac.add_argument("--reduction-factor", type=int, default=16)
     ac.add_argument("--switch-lr-mult", type=float, default=50.0,
                     help="learning rate of the switch logits, as a multiple of --lr")
+    ac.add_argument("--switch-cost", type=float, default=0.0,
+                    help="price of an adapter in the loss: times the expected fraction of "
+                         "layers keeping theirs (adaptable only)")
     ac.add_argument("--seed", type=int, default=42)
     ac.add_argument("--progress", action="store_true")
     ac.add_argument("--data-dir", type=Path, default=_default_data_dir())

@@ -1,7 +1,8 @@
 """Prompt tuning transfer on the offline MiniLM: library, similarities, zero-shot transfer,
 transfer by initialisation, and a cross-model projector.
 
-    python experiments/prompt_transfer.py [--steps 300] [--quick] [--out experiments/runs/prompts]
+    python experiments/prompt_transfer.py [--steps 300] [--max-length 128] [--quick]
+                                          [--out experiments/runs/prompts]
 
 1. library: one prompt (20 tokens, vocab init) + head per task, on the frozen MiniLM-L6;
 2. similarity matrix across the library (cosine, per-token cosine, ON);
@@ -87,12 +88,16 @@ def main() -> int:
     p.add_argument("--probe-steps", type=int, default=30)
     p.add_argument("--targets", nargs="+", default=["imdb", "rte", "mrpc"])
     p.add_argument("--tasks", nargs="+", default=TASKS)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--train-size", type=int, default=4000)
+    p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--quick", action="store_true", help="2 tasks, few steps: a smoke run")
     args = p.parse_args()
     if args.quick:
         args.tasks, args.targets, args.steps, args.probe_steps = ["sst2", "imdb"], ["imdb"], 10, 5
     base = PromptConfig(steps=args.steps, eval_every=max(5, args.steps // 6),
-                        train_size=4000, eval_size=400, max_length=128)
+                        train_size=args.train_size, eval_size=args.eval_size,
+                        max_length=args.max_length)
     res: dict = {"steps": args.steps, "tasks": args.tasks}
     save = lambda: (args.results.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
                     args.results.write_text(json.dumps(res, indent=2)))

@@ -9,12 +9,14 @@ from .convert import (AdaptedOutput, adapted_outputs, adapter_parameter_count, a
                       add_adapters, load_adapted, load_adapter_state, prune_adapters, switch_choices,
                       trainable_parameter_names)
 from .fits import APPROXIMATIONS, fit_error, fit_rational, rational_init
-from .modules import (CHOICES, Adapter, LayerSwitch, RationalActivation, make_activation,
-                      set_temperature, temperature_schedule)
+from .modules import (CHOICES, Adapter, LayerSwitch, RationalActivation,
+                      expected_adapter_fraction, make_activation, set_temperature,
+                      temperature_schedule)
 
 __all__ = [
     "APPROXIMATIONS", "AdaptedOutput", "Adapter", "CHOICES", "LayerSwitch", "RationalActivation",
-    "adapted_outputs", "adapter_parameter_count", "adapter_state_dict", "add_adapters", "fit_error",
+    "adapted_outputs", "adapter_parameter_count", "adapter_state_dict", "add_adapters",
+    "expected_adapter_fraction", "fit_error",
     "fit_rational", "load_adapted", "load_adapter_state", "make_activation", "prune_adapters",
     "rational_init", "set_temperature", "switch_choices", "temperature_schedule",
     "trainable_parameter_names",

@@ -139,6 +139,17 @@ def temperature_schedule(step: int, total_steps: int, start: float = 1.0, end: f
     return start * math.exp(frac * math.log(end / start))
 
 
+def expected_adapter_fraction(model: nn.Module) -> torch.Tensor:
+    """Mean over the model's ``LayerSwitch``es of P(adapter) = softmax(logits)[0]: the expected
+    fraction of layers that keep their adapter (differentiable in the logits; 0 without
+    switches). Added to the loss with a weight, it is the price of an adapter: a layer keeps
+    its adapter only where the task loss gains more than that price."""
+    probs = [m.logits.softmax(-1)[0] for m in model.modules() if isinstance(m, LayerSwitch)]
+    if not probs:
+        return torch.zeros(())
+    return torch.stack(probs).mean()
+
+
 def set_temperature(model: nn.Module, temperature: float) -> int:
     """Sets the temperature of every ``LayerSwitch`` in ``model``; returns how many."""
     count = 0

@@ -5,7 +5,9 @@
 * ``adaptable``: rational adapters plus a per-layer ``LayerSwitch`` (straight-through
   Gumbel-softmax, temperature annealed from ``tau_start`` to ``tau_end``, logits at
   ``switch_lr_mult`` times the learning rate); after training the layers whose switch chose
-  identity are pruned (``prune_adapters``) and the pruned model is evaluated.
+  identity are pruned (``prune_adapters``) and the pruned model is evaluated. With
+  ``switch_cost`` > 0 each layer's P(adapter) is priced in the loss
+  (``expected_adapter_fraction``), so a layer keeps its adapter only where it pays.
 
 The pre-trained model (the offline MiniLM-L6 by default) is frozen: only adapters, switches and
 the classification head train, with the shared ``Trainer`` (AdamW, warmup/decay, checkpoints
@@ -28,7 +30,7 @@ from ..training.evaluate import evaluate
 from ..training.teacher import OFFLINE_BASE, base_model_path
 from .convert import (add_adapters, adapted_outputs, adapter_parameter_count, prune_adapters,
                       trainable_parameter_names)
-from .modules import set_temperature, temperature_schedule
+from .modules import expected_adapter_fraction, set_temperature, temperature_schedule
 
 VARIANTS = {"relu": ("relu", False), "rational": ("rational", False), "adaptable": ("rational", True)}
 
@@ -48,6 +50,7 @@ class AdapterConfig:
     tau_start: float = 1.0
     tau_end: float = 0.1
     switch_lr_mult: float = 50.0      # the switch logits' learning rate is lr times this
+    switch_cost: float = 0.0          # loss += switch_cost * expected fraction of adapted layers
     seed: int = 42
     progress: bool = False
 
@@ -107,7 +110,10 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
             if switch:  # anneal from the optimizer step the trainer is at (exact after a resume)
                 set_temperature(tr.model, temperature_schedule(tr.step, total, config.tau_start,
                                                                config.tau_end))
-            return m(**batch).loss
+            loss = m(**batch).loss
+            if switch and config.switch_cost:
+                loss = loss + config.switch_cost * expected_adapter_fraction(m)
+            return loss
 
         tr.step_fn = step
         if switch and config.switch_lr_mult != 1.0:

@@ -11,7 +11,8 @@ from torch import nn
 
 from effnlp_ext.adapters import (APPROXIMATIONS, AdaptedOutput, Adapter, LayerSwitch,
                                  RationalActivation, adapted_outputs, adapter_parameter_count,
-                                 adapter_state_dict, add_adapters, fit_error, load_adapted,
+                                 adapter_state_dict, add_adapters, expected_adapter_fraction,
+                                 fit_error, load_adapted,
                                  load_adapter_state, prune_adapters, rational_init, set_temperature,
                                  switch_choices, temperature_schedule, trainable_parameter_names)
 from effnlp_ext.adapters.fits import rational_eval
@@ -153,6 +154,21 @@ def test_temperature_schedule_and_setter():
     model = add_adapters(tiny_bert(), switch=True)
     assert set_temperature(model, 0.3) == 3
     assert all(o.switch.temperature == 0.3 for o in adapted_outputs(model).values())
+
+
+def test_expected_adapter_fraction_prices_adapters():
+    assert float(expected_adapter_fraction(tiny_bert())) == 0.0            # no switches
+    model = add_adapters(tiny_bert(), switch=True)
+    switches = [o.switch for o in adapted_outputs(model).values()]
+    assert float(expected_adapter_fraction(model)) == pytest.approx(0.5)   # equal logits
+    with torch.no_grad():
+        switches[0].logits.copy_(torch.tensor([3.0, -3.0]))
+    p0 = torch.sigmoid(torch.tensor(6.0))
+    assert float(expected_adapter_fraction(model)) == pytest.approx(float((p0 + 1.0) / 3))
+    expected_adapter_fraction(model).backward()
+    for s in switches:                     # the price pushes every layer towards identity
+        assert s.logits.grad[0] > 0 and s.logits.grad[1] < 0
+        assert float(s.logits.grad.sum()) == pytest.approx(0.0, abs=1e-7)
 
 
 # ---- add_adapters on HF BERT --------------------------------------------------------------------
