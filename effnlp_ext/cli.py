@@ -64,6 +64,7 @@ def demo(args) -> int:
 
     print(f"effnlp demo — torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     cfg = DemoConfig(task=args.task, teacher_train_size=args.teacher_train_size,
+                     teacher_lr=args.teacher_lr, teacher_epochs=args.teacher_epochs,
                      train_size=args.train_size, dan_train_size=args.dan_train_size,
                      prompt_steps=args.prompt_steps)
     res = run_demo(cfg, data_dir=args.data_dir, methods=args.methods or METHODS, out=args.out,
@@ -289,6 +290,9 @@ def adapters(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .demo import DemoConfig
+
+    DEMO_DEFAULTS = DemoConfig()
     p = argparse.ArgumentParser(prog="effnlp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -300,11 +304,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="task to run on (with --data-dir: e.g. sst2)")
     d.add_argument("--methods", nargs="*", default=None,
                    help="subset of: kron fnet dan tamt adapters prompt multi_exit")
-    d.add_argument("--teacher-train-size", type=int, default=2000)
-    d.add_argument("--train-size", type=int, default=1000,
+    d.add_argument("--teacher-train-size", type=int, default=DEMO_DEFAULTS.teacher_train_size)
+    d.add_argument("--teacher-lr", type=float, default=DEMO_DEFAULTS.teacher_lr)
+    d.add_argument("--teacher-epochs", type=float, default=DEMO_DEFAULTS.teacher_epochs)
+    d.add_argument("--train-size", type=int, default=DEMO_DEFAULTS.train_size,
                    help="each transformer method's brief training set (examples)")
-    d.add_argument("--dan-train-size", type=int, default=6000)
-    d.add_argument("--prompt-steps", type=int, default=60)
+    d.add_argument("--dan-train-size", type=int, default=DEMO_DEFAULTS.dan_train_size)
+    d.add_argument("--prompt-steps", type=int, default=DEMO_DEFAULTS.prompt_steps)
     d.add_argument("--out", type=Path, default=None,
                    help="where models and results go (default: $EFFNLP_CACHE/demo/<task>-<digest>)")
     b = sub.add_parser("bench-kron", help="kron_linear benchmark table")

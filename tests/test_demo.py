@@ -43,7 +43,7 @@ def test_demo_all_methods_tiny(tmp_path, monkeypatch):
     assert by["KroneckerBERT"]["params"] < teacher["params"]
     assert by["KroneckerBERT"]["flops"] < teacher["flops"]
     assert by["FNet"]["flops"] < teacher["flops"]
-    assert by["TAMT"]["flops"] < 0.5 * teacher["flops"]        # 90% sparse, CSR-exported
+    assert by["TAMT"]["flops"] <= teacher["flops"]              # 50% sparse: exported dense
     assert by["DAN"]["flops"] < 1e-3 * teacher["flops"]
     assert by["prompt tuning"]["flops"] > teacher["flops"]       # 20 more tokens per sample
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in res["rows"])

@@ -32,6 +32,7 @@ from .vocab import NgramVocab, count_ngrams
 class SparseDistillConfig:
     task: str = "sst2"
     teacher_train_size: int | None = None   # which cached teacher (None: the full-data one)
+    teacher_settings: dict = field(default_factory=dict)  # other TeacherConfig fields
     teacher_max_length: int = 128
     train_size: int | None = None           # seeded subset of the train split; None: all
     vocab: str = "hash"                     # "hash" (buckets) or "exact" (top-K n-grams)
@@ -137,7 +138,8 @@ def distill_dan(config: SparseDistillConfig, data_dir: str | Path, out: str | Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(config.task)
-    tconfig = TeacherConfig(task=task.name, train_size=config.teacher_train_size)
+    tconfig = TeacherConfig(task=task.name, train_size=config.teacher_train_size,
+                            **config.teacher_settings)
     teacher, tokenizer, record = load_teacher(tconfig, data_dir)
     full_train = load_task(task.name, "train", data_dir)
     if full_train and full_train[0].text_b is not None:

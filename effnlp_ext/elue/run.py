@@ -50,8 +50,12 @@ def discover(task: str, runs_dir: Path, teacher_train_size: int | None = None) -
     for run in sorted(runs_dir.glob(f"kron-{task}-*")):
         if (run / "model" / "kronecker.json").exists():
             from ..kronecker import load_compressed
-            found.append(Candidate(f"KroneckerBERT {run.name.split('-')[-1]}", "KroneckerBERT",
-                                   "hf", lambda p=run / "model": load_compressed(p)))
+            name = f"KroneckerBERT ({run.name})"
+            if (run / "results.json").exists():
+                res = json.loads((run / "results.json").read_text())
+                name = f"KroneckerBERT CF {res['cf_linears']:.1f} ({run.name})"
+            found.append(Candidate(name, "KroneckerBERT", "hf",
+                                   lambda p=run / "model": load_compressed(p)))
     for run in sorted(runs_dir.glob("fnet-*")):
         res = run / "results.json"
         if (run / "model" / "config.json").exists() and res.exists() and \

@@ -30,7 +30,7 @@ def _attention_blocks(model: nn.Module):
 
 
 def bert_to_fnet(model: nn.Module, *, output_projection: bool = False,
-                 use_lengths: bool = True) -> nn.Module:
+                 use_lengths: bool = True, layers=None) -> nn.Module:
     """Replace self-attention by ``FourierMixing`` in place and return ``model``.
 
     Args:
@@ -38,21 +38,28 @@ def bert_to_fnet(model: nn.Module, *, output_projection: bool = False,
             after the mixing. FNet has none (False, the default).
         use_lengths: mix padded sequences over their true length (from the attention mask);
             False reproduces HF FNet, where padding changes every token's output.
+        layers: indices (in model order) of the self-attention blocks to replace; None: all.
+            FNet-Hybrid, the paper's variant that keeps self-attention in the top layers, is
+            ``layers=range(n - 2)``.
     """
-    blocks = list(_attention_blocks(model))
+    blocks = [b for _, b in _attention_blocks(model) if not getattr(b, "is_cross_attention", False)]
     if not blocks:
         raise ValueError("bert_to_fnet: no BERT-style self-attention blocks (attention.self with "
                          "query/key/value, attention.output.dense) found in the model")
-    for _, block in blocks:
-        if getattr(block, "is_cross_attention", False):
-            continue
-        block.self = FourierMixing(use_lengths=use_lengths)
+    chosen = list(range(len(blocks))) if layers is None else sorted({int(i) for i in layers})
+    bad = [i for i in chosen if not 0 <= i < len(blocks)]
+    if bad or not chosen:
+        raise ValueError(f"bert_to_fnet: layers must be a non-empty subset of "
+                         f"0..{len(blocks) - 1}, got {list(layers)}")
+    for i in chosen:
+        blocks[i].self = FourierMixing(use_lengths=use_lengths)
         if not output_projection:
-            block.output.dense = nn.Identity()
+            blocks[i].output.dense = nn.Identity()
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, {"output_projection": output_projection,
-                                     "use_lengths": use_lengths})
+                                     "use_lengths": use_lengths,
+                                     "layers": None if layers is None else chosen})
     return model
 
 

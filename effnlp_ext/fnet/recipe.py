@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class FNetConfig:
     task: str = "sst2"
     init: str = "base"                 # "base" (pretrained MiniLM) or "teacher"
     teacher_train_size: int | None = None
+    teacher_settings: dict = field(default_factory=dict)   # other TeacherConfig fields
     train_size: int | None = None      # seeded subset of the train split; None: all of it
     epochs: float = 1.0
     lr: float = 1e-4
@@ -43,6 +44,7 @@ class FNetConfig:
     batch_size: int = 32
     max_length: int = 128
     use_lengths: bool = True
+    layers: tuple | None = None        # attention blocks to replace (None: all; FNet-Hybrid: not the top 2)
     seed: int = 42
 
 
@@ -56,13 +58,14 @@ def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(config.task)
     teacher, tokenizer, record = load_teacher(
-        TeacherConfig(task=task.name, train_size=config.teacher_train_size), data_dir)
+        TeacherConfig(task=task.name, train_size=config.teacher_train_size,
+                      **config.teacher_settings), data_dir)
     if config.init == "teacher":
         student = copy.deepcopy(teacher)
     else:
         student = AutoModelForSequenceClassification.from_pretrained(
             base_model_path(record["config"]["base"]), num_labels=task.num_labels)
-    bert_to_fnet(student, use_lengths=config.use_lengths)
+    bert_to_fnet(student, use_lengths=config.use_lengths, layers=config.layers)
     train = seeded_subset(load_task(task.name, "train", data_dir), config.train_size, config.seed)
     dev = load_task(task.name, "dev", data_dir)
     train_f = encode(train, tokenizer, config.max_length)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class DistillConfig:
     setting: str = "kroneckerbert"     # the paper's preset, or a compression factor such as "4"
     task: str = "sst2"
     teacher_train_size: int | None = None
+    teacher_settings: dict = field(default_factory=dict)   # other TeacherConfig fields
     train_size: int | None = 20000     # seeded subset of the train split used for KD
     stage1_epochs: float = 1.0
     stage2_epochs: float = 1.0
@@ -60,7 +61,8 @@ def distill_kronecker(config: DistillConfig, data_dir: str | Path, out: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     task = config.task
     teacher, tokenizer, record = load_teacher(
-        TeacherConfig(task=task, train_size=config.teacher_train_size), data_dir)
+        TeacherConfig(task=task, train_size=config.teacher_train_size,
+                      **config.teacher_settings), data_dir)
     train = seeded_subset(load_task(task, "train", data_dir), config.train_size, config.seed)
     dev = load_task(task, "dev", data_dir)
     train_f = encode(train, tokenizer, config.max_length)

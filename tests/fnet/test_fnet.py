@@ -90,6 +90,22 @@ def test_save_and_load_round_trip(tmp_path):
         load_fnet(tmp_path / "plain")
 
 
+def test_hybrid_keeps_attention_in_the_chosen_layers_and_round_trips(tmp_path):
+    cfg = _tiny_bert(num_labels=2)
+    n = cfg.num_hidden_layers
+    model = bert_to_fnet(BertForSequenceClassification(cfg), layers=range(n - 1)).eval()
+    kinds = [type(layer.attention.self).__name__ for layer in model.bert.encoder.layer]
+    assert kinds[:-1] == ["FourierMixing"] * (n - 1) and kinds[-1] != "FourierMixing"
+    assert isinstance(model.bert.encoder.layer[-1].attention.output.dense, torch.nn.Linear)
+    model.save_pretrained(tmp_path)
+    loaded = load_fnet(tmp_path)
+    ids = torch.randint(0, 120, (2, 6))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    for bad in ([], [n]):
+        with pytest.raises(ValueError, match="non-empty subset"):
+            bert_to_fnet(BertModel(_tiny_bert()), layers=bad)
+
+
 def test_rejects_models_without_bert_attention():
     with pytest.raises(ValueError, match="no BERT-style self-attention"):
         bert_to_fnet(torch.nn.Linear(3, 3))
