@@ -48,11 +48,11 @@ class DemoConfig:
     teacher_epochs: float = 1.0
     train_size: int = 2000             # each transformer method's brief training (examples)
     lr: float = 2e-4                   # FNet KD, KroneckerBERT stage 2, TAMT ticket, multi-exit
-    dan_train_size: int = 6000         # the DAN's (the teacher scores these: forward only)
+    dan_train_size: int = 4000         # the DAN's (the teacher scores these: forward only)
     fnet_layers: tuple = (0, 1, 2, 3)  # FNet-Hybrid: Fourier mixing below, attention in the top 2
     adapter_lr: float = 3e-3
     adapter_epochs: float = 2.0
-    prompt_steps: int = 120
+    prompt_steps: int = 100
     prompt_lr: float = 3e-2
     sparsity: float = 0.5
     max_length: int = 64
