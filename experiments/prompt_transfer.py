@@ -53,7 +53,8 @@ def zero_shot(cfg: PromptConfig, prompt: SoftPrompt, head_state, data_dir) -> fl
     model, tok = load_frozen(cfg)
     classifier_head(model).load_state_dict(head_state)
     _, dev_f, coll = _loaders(cfg, tok, data_dir)
-    return evaluate_prompt(PromptedClassifier(model, prompt), dev_f, coll, cfg.task)["accuracy"]
+    metric = get_task(cfg.task).metrics[0]          # accuracy; CoLA: Matthews correlation
+    return evaluate_prompt(PromptedClassifier(model, prompt), dev_f, coll, cfg.task)[metric]
 
 
 def plot_curves(curves: dict, path: Path) -> None:
@@ -126,7 +127,8 @@ def main() -> int:
                 continue
             acc = zero_shot(replace(base, task=b), lib[a], heads[b], args.data_dir)
             zs.setdefault(a, {})[b] = acc
-            pairs.append((a, b, acc / max(finals[b], 1e-9)))
+            if finals[b] > 0:     # relative transfer is undefined at a zero score (CoLA MCC)
+                pairs.append((a, b, acc / finals[b]))
     res["zero_shot"] = zs
     if len(pairs) >= 3:
         rel = [r for _, _, r in pairs]
