@@ -284,7 +284,7 @@ def adapters(args) -> int:
                              epochs=args.epochs, lr=args.lr, max_length=args.max_length,
                              reduction_factor=args.reduction_factor, seed=args.seed,
                              switch_lr_mult=args.switch_lr_mult, switch_cost=args.switch_cost,
-                             progress=args.progress)
+                             switch_cost_start=args.switch_cost_start, progress=args.progress)
     print(format_comparison(summary))
     return 0
 
@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     ac.add_argument("--switch-cost", type=float, default=0.0,
                     help="price of an adapter in the loss: times the expected fraction of "
                          "layers keeping theirs (adaptable only)")
+    ac.add_argument("--switch-cost-start", type=float, default=0.5,
+                    help="fraction of the training steps after which the price applies")
     ac.add_argument("--seed", type=int, default=42)
     ac.add_argument("--progress", action="store_true")
     ac.add_argument("--data-dir", type=Path, default=_default_data_dir())

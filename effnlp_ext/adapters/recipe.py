@@ -51,6 +51,8 @@ class AdapterConfig:
     tau_end: float = 0.1
     switch_lr_mult: float = 50.0      # the switch logits' learning rate is lr times this
     switch_cost: float = 0.0          # loss += switch_cost * expected fraction of adapted layers
+    switch_cost_start: float = 0.5    # ... from this fraction of the steps on (adapters start as
+                                      # the identity: before they learn, the price alone acts)
     seed: int = 42
     progress: bool = False
 
@@ -111,7 +113,7 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
                 set_temperature(tr.model, temperature_schedule(tr.step, total, config.tau_start,
                                                                config.tau_end))
             loss = m(**batch).loss
-            if switch and config.switch_cost:
+            if switch and config.switch_cost and tr.step >= config.switch_cost_start * total:
                 loss = loss + config.switch_cost * expected_adapter_fraction(m)
             return loss
 
