@@ -149,7 +149,7 @@ def main() -> int:
                           prompt=lib[source])
         target = rnd["curve"][-1]["accuracy"]
         reach = steps_to_reach(tr["curve"], target)
-        curves[t] = {"random init": rnd["curve"], f"from {source} (ON)": tr["curve"]}
+        curves[t] = {"default init (sampled vocabulary)": rnd["curve"], f"from {source} (ON)": tr["curve"]}
         speed[t] = {"source": source, "on_scores": scores, "random_final": target,
                     "transfer_final": tr["curve"][-1]["accuracy"],
                     "steps_to_random_final": reach, "probe_steps": args.probe_steps,
