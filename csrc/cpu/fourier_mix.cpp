@@ -225,7 +225,6 @@ void mix_group(const at::Tensor& x3, at::Tensor& y3, const LengthGroup& g, int64
   const int64_t n = g.n;
   const int64_t K = H / 2 + 1;
   const auto ropts = x3.options();
-  const auto copts = ropts.dtype(c10::toComplexType(x3.scalar_type()));
   const bool contiguous_run =
       n == L && (g.index.empty() || g.index.back() - g.index.front() + 1 ==
                                         static_cast<int64_t>(g.index.size()));

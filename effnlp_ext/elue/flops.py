@@ -216,3 +216,20 @@ def per_sample_cost(model: torch.nn.Module, samples: Iterable, run: Callable | N
             by_op[k] = by_op.get(k, 0) + v
     n = max(n, 1)
     return CostReport(total / n, count_parameters(model), n, {k: v / n for k, v in by_op.items()})
+
+
+def encoded_flops_per_sample(model: torch.nn.Module, features: Iterable[dict]) -> float:
+    """Mean forward FLOPs per sample over encoded ``features`` (dicts of token-id lists).
+
+    A transformer's FLOPs depend on the sequence length only, so one sample per distinct
+    length is counted (``per_sample_cost``, batch 1, no padding) and the mean is taken over
+    every sample at its own length. Any ``labels`` key is ignored.
+    """
+    features = list(features)
+    one_per_length: dict[int, dict] = {}
+    for f in features:
+        one_per_length.setdefault(len(f["input_ids"]), f)
+    per_length = {n: per_sample_cost(model, [{k: torch.tensor([v]) for k, v in f.items()
+                                              if k != "labels"}]).flops
+                  for n, f in one_per_length.items()}
+    return sum(per_length[len(f["input_ids"])] for f in features) / max(1, len(features))

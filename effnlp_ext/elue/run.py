@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..data import DynamicPaddingCollator, encode, get_task, load_task
 from ..training.evaluate import evaluate, latency_ms
-from .flops import count_flops, count_parameters, per_sample_cost
+from .flops import count_flops, count_parameters, encoded_flops_per_sample
 from .score import Point, baseline_curve, pareto_frontier, plot
 
 
@@ -119,15 +119,7 @@ def measure(c: Candidate, task: str, dev, tokenizer, latency: bool = True) -> di
                  "params": params, "baseline": r["policy"] == "static"} for r in rows]
     loader = DataLoader(feats, batch_size=64, collate_fn=collator)
     acc = evaluate(model, loader, spec.name)[spec.metrics[0]]
-    # a transformer's FLOPs depend on the length only: count one sample per distinct length and
-    # average over every dev sample (as the multi-exit curves do)
-    one_per_length = {}
-    for f in feats:
-        one_per_length.setdefault(len(f["input_ids"]), f)
-    per_length = {n: per_sample_cost(model, [{k: torch.tensor([v]) for k, v in f.items()
-                                              if k != "labels"}]).flops
-                  for n, f in one_per_length.items()}
-    flops = sum(per_length[len(f["input_ids"])] for f in feats) / max(1, len(feats))
+    flops = encoded_flops_per_sample(model, feats)
     row = {"name": c.name, "group": c.group, "accuracy": acc, "flops": flops,
            "params": count_parameters(model)}
     if latency:

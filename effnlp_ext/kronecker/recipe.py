@@ -4,7 +4,8 @@ Stage 1 (intermediate KD) matches the student's embedding outputs, pre-softmax a
 and FFN outputs to the teacher's, layer by layer; stage 2 (prediction KD) matches the logits
 (optionally with the gold labels too). Both stages run with the shared ``Trainer`` and resume
 after a kill. ``distill_kronecker`` returns the accuracies, parameters, FLOPs and CPU latency
-of teacher and student measured side by side. Used by ``effnlp kron distill`` and
+of teacher and student measured side by side (FLOPs: per token of the encoder linears, and
+per dev sample of the whole forward). Used by ``effnlp kron distill`` and
 experiments/kron_distill.py.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode,
                     get_task, load_task, seeded_subset)
+from ..elue.flops import encoded_flops_per_sample
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD, PredictionKD
 from ..training.evaluate import accuracy, latency_ms
@@ -106,6 +108,9 @@ def distill_kronecker(config: DistillConfig, data_dir: str | Path, out: str | Pa
         "cf_linears": report["cf_layers"],
         "teacher_linear_flops_per_token": report["flops_layers_dense"],
         "student_linear_flops_per_token": report["flops_layers"],
+        # whole-model forward FLOPs per dev sample, each at its own length (ELUE's count)
+        "teacher_flops_per_sample": encoded_flops_per_sample(teacher, dev_f),
+        "student_flops_per_sample": encoded_flops_per_sample(student, dev_f),
         "teacher_ms_b1": latency_ms(teacher, dev_f, collator, 1),
         "student_ms_b1": latency_ms(student, dev_f, collator, 1),
         "teacher_ms_b32": latency_ms(teacher, dev_f, collator, 32),

@@ -8,8 +8,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 import effnlp_ext
-from effnlp_ext.elue.flops import (count_flops, count_parameters, fourier_mix_cost,
-                                   per_sample_cost)
+from effnlp_ext.elue.flops import (count_flops, count_parameters, encoded_flops_per_sample,
+                                   fourier_mix_cost, per_sample_cost)
 from effnlp_ext.fnet import bert_to_fnet
 
 H, I, L, HEADS = 32, 64, 12, 4
@@ -102,6 +102,19 @@ def test_per_sample_cost_and_params():
     emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     assert count_parameters(model, exclude_embeddings=True) == report.params - emb
     assert math.isfinite(report.flops)
+
+
+def test_encoded_flops_per_sample_weights_each_length_by_its_count():
+    model = _layer()
+
+    def one(n):
+        return 2 * n * (4 * H * H + 2 * H * I) + 4 * n * n * H
+    lengths = [3, 9, 3, 3, 5, 9]
+    feats = [{"input_ids": list(range(1, n + 1)), "attention_mask": [1] * n, "labels": 0}
+             for n in lengths]
+    assert encoded_flops_per_sample(model, feats) == pytest.approx(
+        sum(one(n) for n in lengths) / len(lengths))
+    assert encoded_flops_per_sample(model, []) == 0
 
 
 def test_kron_compressed_layer_closed_form():
