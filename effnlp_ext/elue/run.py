@@ -105,17 +105,26 @@ def measure(c: Candidate, task: str, dev, tokenizer, latency: bool = True) -> di
     feats = encode(dev, tokenizer, 128)
     collator = DynamicPaddingCollator.from_tokenizer(tokenizer)
     if c.kind == "multi_exit":
-        from .multi_exit import collect_exits, default_thresholds, dynamic_curve, static_curve
+        from .multi_exit import (collect_exits, default_thresholds, dynamic_curve, static_curve,
+                                 task_metric)
         loader = DataLoader(feats, batch_size=64, collate_fn=collator)
         logits, labels, lengths = collect_exits(model, loader)
-        rows = static_curve(model, logits, labels, lengths) + dynamic_curve(
-            model, logits, labels, lengths, policy="entropy",
-            values=default_thresholds(spec.num_labels))
+        metric = task_metric(spec.name)
+        # classification exits by entropy; a regression head (STS-B) has none: by patience
+        policy, values = (("patience", [1, 2, 3, 4]) if spec.is_regression else
+                          ("entropy", default_thresholds(spec.num_labels)))
+        rows = static_curve(model, logits, labels, lengths, metric) + dynamic_curve(
+            model, logits, labels, lengths, policy=policy, values=values, metric=metric)
         params = count_parameters(model)
-        return [{"name": (f"exit {r['exit']}" if r["policy"] == "static"
-                          else f"entropy<{r['value']:.3f}"),
-                 "group": "multi-exit (static)" if r["policy"] == "static" else
-                 "multi-exit (entropy)", "accuracy": r["accuracy"], "flops": r["flops"],
+
+        def name(r):
+            if r["policy"] == "static":
+                return f"exit {r['exit']}"
+            return (f"entropy<{r['value']:.3f}" if r["policy"] == "entropy"
+                    else f"patience {r['value']}")
+        return [{"name": name(r),
+                 "group": f"multi-exit ({r['policy']})", "accuracy": r["accuracy"],
+                 "flops": r["flops"],
                  "params": params, "baseline": r["policy"] == "static"} for r in rows]
     loader = DataLoader(feats, batch_size=64, collate_fn=collator)
     acc = evaluate(model, loader, spec.name)[spec.metrics[0]]
@@ -153,9 +162,11 @@ def run_elue(task: str, data_dir, out, runs_dir, *,
     front = {p.name for p in pareto_frontier(points)}
     for r in rows:
         r["pareto"] = r["name"] in front
+    metric = get_task(task).metrics[0]
     png = plot(points, out / "pareto.png", baseline=base or None,
-               title=f"{task}: accuracy vs FLOPs per sample")
-    res = {"task": task, "dev_size": len(dev), "rows": rows,
+               title=f"{task}: {metric} vs FLOPs per sample",
+               ylabel="accuracy (%)" if metric == "accuracy" else f"{metric} x 100")
+    res = {"task": task, "metric": metric, "dev_size": len(dev), "rows": rows,
            "plot": png, "baseline": "multi-exit static exits, log-FLOPs interpolation"}
     (out / "results.json").write_text(json.dumps(res, indent=2))
     (out / "table.md").write_text(render_table(res))
@@ -167,7 +178,7 @@ def render_table(res: dict) -> str:
              "(multiply and add apart; MACs = FLOPs/2), averaged over every dev sample at its own "
              "length; ELUE score vs the multi-exit static curve (log-FLOPs interpolation, held at "
              "its ends); * Pareto.", "",
-             "| model | accuracy | MFLOPs/sample | params (M) | ms batch 1 | ms batch 32 | ELUE score |",
+             f"| model | {res.get('metric', 'accuracy')} | MFLOPs/sample | params (M) | ms batch 1 | ms batch 32 | ELUE score |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(res["rows"], key=lambda r: -r["flops"]):
         score = "" if r["elue_score"] is None else f"{r['elue_score']:+.2f}"

@@ -24,7 +24,7 @@ from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_me
                     get_task, load_task, seeded_subset)
 from ..training import TrainConfig, Trainer
 from ..training.distill import PredictionKD
-from ..training.evaluate import accuracy, latency_ms
+from ..training.evaluate import latency_ms, main_metric
 from ..training.teacher import TeacherConfig, base_model_path, load_teacher
 from .convert import bert_to_fnet
 
@@ -74,7 +74,7 @@ def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> 
     dev_loader = DataLoader(dev_f, batch_size=64, collate_fn=collator)
     sampler = LengthBucketBatchSampler([len(f["input_ids"]) for f in train_f], config.batch_size,
                                        seed=config.seed)
-    init_acc = accuracy(student, dev_loader, task.name)
+    init_acc = main_metric(student, dev_loader, task.name)
     student.train()
     step_fn = None
     if config.init == "teacher":
@@ -92,8 +92,8 @@ def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> 
         student.load_state_dict(torch.load(out / "run" / "best" / "model.pt"))
     seconds = time.time() - t0
     student.save_pretrained(out / "model")
-    teacher_acc = accuracy(teacher, dev_loader, task.name)
-    student_acc = accuracy(student, dev_loader, task.name)
+    teacher_acc = main_metric(teacher, dev_loader, task.name)
+    student_acc = main_metric(student, dev_loader, task.name)
     res = {
         "config": asdict(config), "teacher": record["config"], "train_size": len(train),
         "teacher_acc": teacher_acc, "fnet_init_acc": init_acc, "fnet_acc": student_acc,

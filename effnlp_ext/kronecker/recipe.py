@@ -24,7 +24,7 @@ from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_me
 from ..elue.flops import encoded_flops_per_sample
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD, PredictionKD
-from ..training.evaluate import accuracy, latency_ms
+from ..training.evaluate import latency_ms, main_metric
 from ..training.teacher import TeacherConfig, load_teacher
 from .convert import compress, compression_report, save_compressed
 
@@ -73,7 +73,7 @@ def distill_kronecker(config: DistillConfig, data_dir: str | Path, out: str | Pa
     dev_loader = DataLoader(dev_f, batch_size=64, collate_fn=collator)
 
     student = compress_student(teacher, config.setting)
-    init_acc = accuracy(student, dev_loader, task)
+    init_acc = main_metric(student, dev_loader, task)
     student.train()
 
     def run_stage(name, stage, lr, epochs, select_best):
@@ -102,8 +102,8 @@ def distill_kronecker(config: DistillConfig, data_dir: str | Path, out: str | Pa
     report = compression_report(student)  # FLOPs per token of the encoder linears, and params
     res = {
         "config": asdict(config), "teacher": record["config"], "train_size": len(train),
-        "teacher_acc": accuracy(teacher, dev_loader, task), "student_init_acc": init_acc,
-        "student_acc": accuracy(student, dev_loader, task),
+        "teacher_acc": main_metric(teacher, dev_loader, task), "student_init_acc": init_acc,
+        "student_acc": main_metric(student, dev_loader, task),
         "teacher_params": report["params_total_dense"], "student_params": report["params_total"],
         "cf_linears": report["cf_layers"],
         "teacher_linear_flops_per_token": report["flops_layers_dense"],

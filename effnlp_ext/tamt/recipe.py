@@ -32,7 +32,7 @@ from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode,
                     get_task, load_task, seeded_subset)
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD
-from ..training.evaluate import accuracy, latency_ms
+from ..training.evaluate import latency_ms, main_metric
 from ..training.teacher import OFFLINE_BASE, base_model_path
 from .export import export
 from .modules import DEFAULT_TARGETS, apply_masks, masked_modules
@@ -200,7 +200,7 @@ def finetune(config: TamtConfig, masks: dict | None, data_dir, out) -> dict:
         tr.train(resume=(out / "run" / "checkpoint.pt").exists())
     seconds = time.time() - t0
     res = {"config": asdict(config), "masked": masks is not None, "train_size": len(train),
-           "dev_size": len(dev), "dev_accuracy": accuracy(model, dev_loader, config.task),
+           "dev_size": len(dev), "dev_accuracy": main_metric(model, dev_loader, config.task),
            "finetune_seconds": round(seconds, 1)}
     if masks is not None:
         res["sparsity"] = sparsity_report(get_masks(model.bert))["overall"]
@@ -210,7 +210,7 @@ def finetune(config: TamtConfig, masks: dict | None, data_dir, out) -> dict:
         export(dense.bert, sparse=False)
         dense.save_pretrained(out / "model")    # the ticket, masks baked in: load_ticket()
         torch.save(get_masks(model.bert), out / "model" / "masks.pt")
-        res["exported_dev_accuracy"] = accuracy(exported, dev_loader, config.task)
+        res["exported_dev_accuracy"] = main_metric(exported, dev_loader, config.task)
         res["ms_b32_exported"] = latency_ms(exported, dev_f, collator, 32)
         res["ms_b32_dense_baked"] = latency_ms(dense, dev_f, collator, 32)
     (out / "results.json").write_text(json.dumps(res, indent=1))

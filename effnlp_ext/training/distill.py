@@ -45,15 +45,17 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     ``mode="kl"``: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over examples
     (``batchmean``; leading dims are flattened, so token-level logits work too).
     ``mode="mse"``: mean squared error on raw logits (regression heads, or the TinyBERT variant).
+    One-column logits (a regression head) always take the MSE: a softmax over one class is
+    constant, so its KL would be zero whatever the student predicts.
     """
     teacher_logits = teacher_logits.detach()
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit_kd_loss: shapes differ, student {tuple(student_logits.shape)} "
                          f"vs teacher {tuple(teacher_logits.shape)}")
-    if mode == "mse":
-        return F.mse_loss(student_logits, teacher_logits)
-    if mode != "kl":
+    if mode not in ("kl", "mse"):
         raise ValueError(f"logit_kd_loss: mode must be 'kl' or 'mse', got {mode!r}")
+    if mode == "mse" or student_logits.shape[-1] == 1:
+        return F.mse_loss(_f32(student_logits), _f32(teacher_logits))
     if temperature <= 0:
         raise ValueError(f"logit_kd_loss: temperature must be > 0, got {temperature}")
     c = student_logits.shape[-1]

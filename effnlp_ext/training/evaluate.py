@@ -19,8 +19,11 @@ def evaluate(model, loader, task: str) -> dict:
     return compute_metrics(task, torch.cat(logits), torch.cat(labels))
 
 
-def accuracy(model, loader, task: str) -> float:
-    return evaluate(model, loader, task)["accuracy"]
+def main_metric(model, loader, task: str) -> float:
+    """The task's headline metric (its first: accuracy, Pearson for STS-B, MCC for CoLA)."""
+    from ..data import get_task
+
+    return evaluate(model, loader, task)[get_task(task).metrics[0]]
 
 
 def latency_ms(model, features, collator, batch_size: int) -> float:

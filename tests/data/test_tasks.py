@@ -84,6 +84,22 @@ def test_every_task_has_consistent_spec():
         assert spec.num_labels == (len(spec.label_names) or 1)
 
 
+def test_stand_in_splits_are_sampled_disjoint_and_announced(data_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        dev = load_task("imdb", "dev", data_dir)
+    assert len(dev) == 2000 and "IMDb ships no dev" in caplog.text
+    assert dev == load_task("imdb", "dev", data_dir)                # the same seeded draw
+    test_texts = {e.text_a for e in load_task("imdb", "test", data_dir)}
+    assert all(e.text_a in test_texts for e in dev)
+    assert sorted({e.label for e in dev}) == [0, 1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train = load_task("scitail", "train", data_dir)
+    assert train == load_task("scitail", "test", data_dir) and "stands in" in caplog.text
+
+
 def test_unknown_task_and_split():
     with pytest.raises(KeyError, match="unknown task"):
         get_task("mnli")

@@ -9,17 +9,18 @@ from transformers import BertConfig, BertModel
 
 from effnlp_ext.elue.multi_exit import (MultiExitBert, _ScaleGrad, collect_exits,
                                         default_thresholds, dynamic_curve, entropy, exit_costs,
-                                        static_curve)
+                                        static_curve, task_metric)
 
 H, I = 32, 64
 
 
-def _model(layers=3, ge=True, pooling="cls"):
+def _model(layers=3, ge=True, pooling="cls", num_labels=2):
     cfg = BertConfig(vocab_size=60, hidden_size=H, num_hidden_layers=layers, num_attention_heads=4,
                      intermediate_size=I, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, attn_implementation="eager")
     torch.manual_seed(0)
-    return MultiExitBert(BertModel(cfg), 2, dropout=0.0, gradient_equilibrium=ge, pooling=pooling)
+    return MultiExitBert(BertModel(cfg), num_labels, dropout=0.0, gradient_equilibrium=ge,
+                         pooling=pooling)
 
 
 def _batch(B=6, L=9):
@@ -122,3 +123,32 @@ def test_mean_pooling_ignores_padding():
     torch.testing.assert_close(full, alone, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="pooling"):
         _model(pooling="max")
+
+
+def test_regression_head_mse_loss_pearson_curves_and_patience_within_tolerance():
+    """STS-B-style head (one output): MSE at every exit, the task metric on the curves, and
+    patience that counts consecutive exits within ``tolerance`` of each other."""
+    model = _model(num_labels=1).eval()
+    ids, mask, _ = _batch()
+    scores = torch.linspace(0.0, 5.0, 6)
+    out = model(ids, mask, labels=scores)
+    expected = sum(torch.nn.functional.mse_loss(lg.squeeze(-1), scores) for lg in out.all_logits)
+    torch.testing.assert_close(out.loss, expected)
+    loader = [{"input_ids": ids, "attention_mask": mask, "labels": scores}]
+    all_logits, lab, lengths = collect_exits(model, loader)
+    metric = task_metric("stsb")
+    static = static_curve(model, all_logits, lab, lengths, metric)
+    pearson = torch.corrcoef(torch.stack([all_logits[0, :, 0], scores]))[0, 1].item()
+    assert static[0]["accuracy"] == pytest.approx(pearson, abs=1e-5)
+    for tol in (0.0, 1e-4, 10.0):
+        rows = dynamic_curve(model, all_logits, lab, lengths, policy="patience", values=[1, 2],
+                             metric=metric, tolerance=tol)
+        for v, row in zip([1, 2], rows):
+            _, exit_at = model.early_exit(ids, mask, policy="patience", patience=v, tolerance=tol)
+            assert row["mean_exit"] == pytest.approx(exit_at.float().mean().item())
+            if tol == 10.0:                  # every exit agrees: the earliest allowed exit
+                assert exit_at.tolist() == [v + 1] * 6
+    with pytest.raises(ValueError, match="regression head exits by patience"):
+        model.early_exit(ids, mask, policy="entropy")
+    with pytest.raises(ValueError, match="regression head exits by patience"):
+        dynamic_curve(model, all_logits, lab, lengths, policy="entropy", values=[0.1])

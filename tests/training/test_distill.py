@@ -199,3 +199,14 @@ def test_prediction_kd_regression_mse():
     batch = {**tiny_batch(), "labels": torch.randn(3)}
     loss, logs = distill.PredictionKD(mode="mse", label_weight=1.0)(student, teacher, batch)
     assert torch.isfinite(loss) and logs["hard_label"] > 0
+
+
+def test_logit_kd_one_column_is_mse_not_a_constant_kl():
+    """A regression head's one logit has a constant softmax: KD must fall back to the MSE."""
+    s = torch.tensor([[0.5], [2.0], [4.0]], requires_grad=True)
+    t = torch.tensor([[1.0], [2.0], [3.0]])
+    for mode in ("kl", "mse"):
+        loss = distill.logit_kd_loss(s, t, temperature=2.0, mode=mode)
+        torch.testing.assert_close(loss, ((s - t) ** 2).mean())
+    loss.backward()
+    assert s.grad.abs().sum() > 0

@@ -1,0 +1,120 @@
+"""The ELUE table across tasks: every method on SST-2, IMDb, SNLI, SciTail, MRPC and STS-B.
+
+    python experiments/elue_tasks.py [--tasks sst2 mrpc ...] [--data-dir ../shared/data]
+    python experiments/elue_tasks.py --render        # only rebuild the summary from saved runs
+
+Each task runs the demo's pipeline (``effnlp demo --data-dir ... --task T``: the same brief
+budgets, recipes and measurement; models cached under ``$EFFNLP_CACHE/demo``). Per task it
+copies table.md, demo.json and pareto.png to ``experiments/results/elue-tasks/<task>/`` and
+then writes ``summary.md`` / ``summary.json``: per method and task the dev metric (x100) and
+MFLOPs per sample, and per method the mean ELUE score over the tasks it ran on.
+
+Latency is off by default here (``--latency`` turns it on): the tasks may run two at a time,
+one thread each, and contended timings would mislead; the demo and the SST-2 table measure it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "results" / "elue-tasks"
+TASKS = ("sst2", "imdb", "snli", "scitail", "mrpc", "stsb")
+# one row per method: (row label, the ELUE rows' group, the demo's method key)
+GROUPS = [("teacher (MiniLM-L6)", "teacher", None),
+          ("KroneckerBERT (KB preset)", "KroneckerBERT", "kron"),
+          ("FNet-Hybrid (4 of 6 layers)", "FNet", "fnet"),
+          ("DAN (sparse distillation)", "DAN", "dan"),
+          ("TAMT ticket (50%)", "TAMT", "tamt"),
+          ("adaptable adapters", "adapters", "adapters"),
+          ("soft prompt (20 tokens)", "prompt tuning", "prompt"),
+          ("multi-exit, last exit", "multi-exit (static)", "multi_exit"),
+          ("multi-exit, best early exit (entropy; patience on STS-B)", "multi-exit (dynamic)",
+           "multi_exit")]
+
+
+def run_task(task: str, data_dir: str, latency: bool) -> None:
+    from effnlp_ext.demo import DemoConfig, format_demo, run_demo
+
+    res = run_demo(DemoConfig(task=task), data_dir=data_dir, latency=latency,
+                   log=lambda m: print(f"[{task}] {m}", flush=True))
+    print(format_demo(res), flush=True)
+    dst = OUT / task
+    dst.mkdir(parents=True, exist_ok=True)
+    src = Path(res["out"])
+    keep = {k: v for k, v in res.items() if k not in ("out", "data_dir", "plot")}
+    (dst / "demo.json").write_text(json.dumps(keep, indent=2))
+    shutil.copy(src / "elue" / "table.md", dst / "table.md")
+    shutil.copy(src / "elue" / "pareto.png", dst / "pareto.png")
+
+
+def _pick(rows: list[dict], group: str) -> dict | None:
+    if group == "multi-exit (dynamic)":
+        rows = [r for r in rows if r["group"].startswith("multi-exit (")
+                and r["group"] != "multi-exit (static)"]
+        return max(rows, key=lambda r: (r["elue_score"] or 0.0, -r["flops"])) if rows else None
+    rows = [r for r in rows if r["group"] == group]
+    if not rows:
+        return None
+    if group == "multi-exit (static)":
+        return max(rows, key=lambda r: r["flops"])               # the last exit: full depth
+    return rows[0]
+
+
+def render() -> str:
+    runs = {t: json.loads((OUT / t / "demo.json").read_text())
+            for t in TASKS if (OUT / t / "demo.json").exists()}
+    if not runs:
+        raise SystemExit(f"no task results under {OUT}")
+    tasks = list(runs)
+    head = "| method | " + " | ".join(f"{t} ({runs[t].get('metric', 'accuracy')})"
+                                      for t in tasks) + " | mean ELUE score |"
+    lines = ["Per task: dev metric x100 / MFLOPs per sample (brief-budget demo pipeline; "
+             "`experiments/elue_tasks.py`). ELUE score: points above the multi-exit static curve "
+             "at the same FLOPs (log-FLOPs interpolation), averaged over the tasks run.", "",
+             head, "|---|" + "---:|" * (len(tasks) + 1)]
+    summary = {}
+    for label, group, key in GROUPS:
+        cells, scores = [], []
+        for t in tasks:
+            r = _pick(runs[t]["rows"], group)
+            if r is None:
+                cells.append("n/a (pairs)" if key in runs[t].get("skipped", {}) else
+                             "failed" if key in runs[t].get("failed", {}) else "—")
+                continue
+            cells.append(f"{100 * r['accuracy']:.1f} / {r['flops'] / 1e6:.4g}")
+            if r.get("elue_score") is not None:
+                scores.append(r["elue_score"])
+            summary.setdefault(label, {})[t] = {k: r.get(k) for k in
+                                                ("accuracy", "flops", "params", "elue_score")}
+        mean = f"{sum(scores) / len(scores):+.2f} ({len(scores)})" if scores else ""
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+    seconds = {t: runs[t]["total_seconds"] for t in tasks}
+    lines += ["", "Wall seconds per task (threads): " + ", ".join(
+        f"{t} {seconds[t]:.0f} ({runs[t]['threads']})" for t in tasks)]
+    text = "\n".join(lines) + "\n"
+    (OUT / "summary.md").write_text(text)
+    (OUT / "summary.json").write_text(json.dumps({"tasks": tasks, "methods": summary,
+                                                  "seconds": seconds}, indent=2))
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--latency", action="store_true")
+    p.add_argument("--render", action="store_true", help="only rebuild summary.md")
+    args = p.parse_args(argv)
+    if not args.render:
+        for task in args.tasks:
+            run_task(task, args.data_dir, args.latency)
+    print(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
