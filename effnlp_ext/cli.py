@@ -6,7 +6,8 @@
   effnlp bench-kron [--full] [--json PATH]           the kron_linear benchmark table alone
   effnlp teacher [--task sst2] [--train-size N]       fine-tune (or find cached) a MiniLM teacher
   effnlp kron compress [--preset kroneckerbert | --cf 8] --out DIR    compress an HF BERT model
-  effnlp kron distill [--setting kroneckerbert|4|16] [--out DIR]      two-stage KD from the teacher
+  effnlp kron distill [--setting kroneckerbert[:R]|4|16] [--out DIR]
+                                                     two-stage KD from the teacher
   effnlp fnet convert --out DIR                      BERT -> FNet (self-attention -> Fourier mixing)
   effnlp fnet finetune [--init base|teacher] [--train-size N]          fine-tune MiniLM-FNet on a task
   effnlp bench-fnet [--quick]                        the fourier_mix benchmark tables
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--embeddings", action="store_true", help="also compress the word embedding")
     kc.add_argument("--out", type=Path, required=True)
     kd = ksub.add_parser("distill", help="compress the cached teacher and distil in two stages")
-    kd.add_argument("--setting", default="kroneckerbert", help="'kroneckerbert' or a CF such as 4")
+    kd.add_argument("--setting", default="kroneckerbert", help="'kroneckerbert' (CF 8), 'kroneckerbert:2' (the preset's shapes as a "
+                    "sum of 2 products: CF 4) or a CF for the shape search, such as 4")
     kd.add_argument("--task", default="sst2")
     kd.add_argument("--train-size", type=int, default=20000)
     kd.add_argument("--stage1-epochs", type=float, default=1.0)

@@ -50,11 +50,21 @@ class DistillConfig:
 
 
 def compress_student(teacher, setting: str):
-    """A compressed copy of ``teacher``: the KroneckerBERT preset or a searched CF."""
+    """A compressed copy of ``teacher``: the KroneckerBERT preset (``"kroneckerbert"``, one
+    Kronecker product per layer, CF 8; ``"kroneckerbert:R"``, the same shapes as a sum of R
+    products, CF 8/R) or a searched CF (``"4"``)."""
     student = copy.deepcopy(teacher)
-    if setting == "kroneckerbert":
-        return compress(student, preset="kroneckerbert")
-    return compress(student, cf=float(setting))
+    name, _, rank = setting.partition(":")
+    if name == "kroneckerbert":
+        if rank and not (rank.isdigit() and int(rank) >= 1):
+            raise ValueError(f"compress_student: bad rank in {setting!r} (kroneckerbert:R, R >= 1)")
+        return compress(student, preset="kroneckerbert", rank=int(rank) if rank else None)
+    try:
+        cf = float(setting)
+    except ValueError:
+        raise ValueError(f"compress_student: setting must be 'kroneckerbert', 'kroneckerbert:R' "
+                         f"or a compression factor, got {setting!r}") from None
+    return compress(student, cf=cf)
 
 
 def distill_kronecker(config: DistillConfig, data_dir: str | Path, out: str | Path) -> dict:
