@@ -25,6 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+try:
+    from transformers.masking_utils import create_bidirectional_mask as _bidirectional_mask
+except ImportError:             # transformers 4.x
+    _bidirectional_mask = None
+
 REGRESSION_TOLERANCE = 0.1   # patience on a regression head: consecutive exits within this
 
 
@@ -99,11 +104,12 @@ class MultiExitBert(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         emb = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        if hasattr(bert, "_create_attention_masks"):
-            mask, _ = bert._create_attention_masks(
-                attention_mask=attention_mask, encoder_attention_mask=None, embedding_output=emb,
-                encoder_hidden_states=None, cache=None)
-        else:
+        if _bidirectional_mask is not None:
+            # transformers 5: the public mask builder the encoder itself uses (a private
+            # BertModel helper did this before, and its signature changed between releases)
+            mask = _bidirectional_mask(config=bert.config, inputs_embeds=emb,
+                                       attention_mask=attention_mask)
+        else:                   # transformers 4: the additive extended mask
             mask = bert.get_extended_attention_mask(attention_mask, input_ids.shape)
         return emb, mask, attention_mask
 

@@ -152,3 +152,16 @@ def test_regression_head_mse_loss_pearson_curves_and_patience_within_tolerance()
         model.early_exit(ids, mask, policy="entropy")
     with pytest.raises(ValueError, match="regression head exits by patience"):
         dynamic_curve(model, all_logits, lab, lengths, policy="entropy", values=[0.1])
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_exits_see_the_encoders_own_hidden_states(pooling):
+    """The layer-by-layer forward (with its own attention mask) equals BertModel's forward."""
+    model = _model(pooling=pooling).eval()
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        hidden = model.bert(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        all_logits = model(ids, mask).all_logits
+        for k, head in enumerate(model.exits):
+            torch.testing.assert_close(all_logits[k], head(hidden[k + 1], mask),
+                                       rtol=1e-4, atol=1e-5)
