@@ -343,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--embeddings", action="store_true", help="also compress the word embedding")
     kc.add_argument("--out", type=Path, required=True)
     kd = ksub.add_parser("distill", help="compress the cached teacher and distil in two stages")
-    kd.add_argument("--setting", default="kroneckerbert", help="'kroneckerbert' (CF 8), 'kroneckerbert:2' (the preset's shapes as a "
-                    "sum of 2 products: CF 4) or a CF for the shape search, such as 4")
+    kd.add_argument("--setting", default="kroneckerbert",
+                    help="'kroneckerbert' (CF 8), 'kroneckerbert:2' (the preset's shapes as a "
+                         "sum of 2 products: CF 4) or a CF for the shape search, such as 4")
     kd.add_argument("--task", default="sst2")
     kd.add_argument("--train-size", type=int, default=20000)
     kd.add_argument("--stage1-epochs", type=float, default=1.0)

@@ -227,8 +227,9 @@ def run_demo(config: DemoConfig, data_dir=None, methods=METHODS, out=None, log=p
     res = run_elue(task, data_dir, out / "elue", runs_dir=None, candidates=candidates,
                    latency=latency)
     timings["measure"] = round(time.time() - t0, 1)
-    res.update(timings=timings, failed=failed, skipped=skipped, total_seconds=round(time.time() - t_start, 1),
-               threads=torch.get_num_threads(), out=str(out), data_dir=str(data_dir))
+    res.update(timings=timings, failed=failed, skipped=skipped,
+               total_seconds=round(time.time() - t_start, 1), threads=torch.get_num_threads(),
+               out=str(out), data_dir=str(data_dir))
     (out / "demo.json").write_text(json.dumps(res, indent=2))
     return res
 

@@ -197,7 +197,9 @@ def _agree(pred: torch.Tensor, prev: torch.Tensor, tolerance: float) -> torch.Te
 
 
 def accuracy_metric(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean())
+    from ..data import accuracy
+
+    return accuracy(logits.argmax(-1), labels)
 
 
 def task_metric(task: str) -> Callable[[torch.Tensor, torch.Tensor], float]:

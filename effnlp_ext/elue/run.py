@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import DynamicPaddingCollator, encode, get_task, load_task
-from ..training.evaluate import evaluate, latency_ms
+from ..training.evaluate import latency_ms, main_metric
 from .flops import count_flops, count_parameters, encoded_flops_per_sample
 from .score import Point, baseline_curve, pareto_frontier, plot
 
@@ -127,7 +127,7 @@ def measure(c: Candidate, task: str, dev, tokenizer, latency: bool = True) -> di
                  "flops": r["flops"],
                  "params": params, "baseline": r["policy"] == "static"} for r in rows]
     loader = DataLoader(feats, batch_size=64, collate_fn=collator)
-    acc = evaluate(model, loader, spec.name)[spec.metrics[0]]
+    acc = main_metric(model, loader, spec.name)
     flops = encoded_flops_per_sample(model, feats)
     row = {"name": c.name, "group": c.group, "accuracy": acc, "flops": flops,
            "params": count_parameters(model)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..benchmarking import median_time
-from ..data import compute_metrics
+from ..data import compute_metrics, get_task
 
 
 def evaluate(model, loader, task: str) -> dict:
@@ -21,8 +21,6 @@ def evaluate(model, loader, task: str) -> dict:
 
 def main_metric(model, loader, task: str) -> float:
     """The task's headline metric (its first: accuracy, Pearson for STS-B, MCC for CoLA)."""
-    from ..data import get_task
-
     return evaluate(model, loader, task)[get_task(task).metrics[0]]
 
 
