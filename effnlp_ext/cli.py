@@ -135,7 +135,7 @@ def fnet(args) -> int:
     from .fnet.recipe import FNetConfig, finetune_fnet
 
     cfg = FNetConfig(task=args.task, init=args.init, train_size=args.train_size or None,
-                     epochs=args.epochs, lr=args.lr)
+                     epochs=args.epochs, lr=args.lr, hidden_kd_weight=args.hidden_kd_weight)
     out = args.out or Path("runs") / f"fnet-{args.task}-{args.init}"
     print(json.dumps(finetune_fnet(cfg, args.data_dir, out), indent=2))
     return 0
@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ff.add_argument("--train-size", type=int, default=0, help="seeded train subset; 0: all")
     ff.add_argument("--epochs", type=float, default=1.0)
     ff.add_argument("--lr", type=float, default=1e-4)
+    ff.add_argument("--hidden-kd-weight", type=float, default=0.0,
+                    help="--init teacher: also match the teacher's per-layer hidden states")
     ff.add_argument("--data-dir", type=Path, default=_default_data_dir())
     ff.add_argument("--out", type=Path, default=None)
     dn = sub.add_parser("dan", help="sparse distillation: n-gram DAN student of a teacher")

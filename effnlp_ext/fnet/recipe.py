@@ -5,7 +5,9 @@ Two starting points:
                       fine-tuned on the task's gold labels: the issue's plain recipe;
   ``init="teacher"``  the fine-tuned teacher converted to FNet (its task-tuned FFNs and head are
                       kept), then fine-tuned on gold labels plus the teacher's logits
-                      (``PredictionKD``, ``kd_weight`` / ``label_weight``).
+                      (``PredictionKD``, ``kd_weight`` / ``label_weight``); with
+                      ``hidden_kd_weight > 0`` the FNet's block outputs are also pulled toward
+                      the teacher's (``IntermediateKD`` hidden-state MSE, same forward passes).
 ``finetune_fnet`` returns teacher and FNet dev accuracy, the ratio, parameters and CPU latency at
 batch 1 and 32 measured side by side. Used by ``effnlp fnet finetune`` and experiments/.
 """
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader
 from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode,
                     get_task, load_task, seeded_subset)
 from ..training import TrainConfig, Trainer
-from ..training.distill import PredictionKD
+from ..training.distill import IntermediateKD, PredictionKD
 from ..training.evaluate import latency_ms, main_metric
 from ..training.teacher import TeacherConfig, base_model_path, load_teacher
 from .convert import bert_to_fnet
@@ -40,6 +42,7 @@ class FNetConfig:
     lr: float = 1e-4
     kd_weight: float = 1.0             # init="teacher" only
     label_weight: float = 1.0          # init="teacher" only
+    hidden_kd_weight: float = 0.0      # init="teacher" only: per-layer hidden-state MSE weight
     temperature: float = 2.0
     batch_size: int = 32
     max_length: int = 128
@@ -54,6 +57,8 @@ def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> 
 
     if config.init not in ("base", "teacher"):
         raise ValueError(f"finetune_fnet: init must be 'base' or 'teacher', got {config.init!r}")
+    if config.hidden_kd_weight and config.init != "teacher":
+        raise ValueError("finetune_fnet: hidden_kd_weight needs init='teacher'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(config.task)
@@ -78,8 +83,12 @@ def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> 
     student.train()
     step_fn = None
     if config.init == "teacher":
-        step_fn = PredictionKD(temperature=config.temperature, kd_weight=config.kd_weight,
-                               label_weight=config.label_weight).bind(teacher)
+        kd = PredictionKD(temperature=config.temperature, kd_weight=config.kd_weight,
+                          label_weight=config.label_weight)
+        if config.hidden_kd_weight:
+            kd = IntermediateKD(embedding_weight=0.0, attention_weight=0.0,
+                                hidden_weight=config.hidden_kd_weight, prediction=kd)
+        step_fn = kd.bind(teacher)
     cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
                       warmup_ratio=0.06, seed=config.seed, output_dir=str(out / "run"),
                       save_every=100, eval_every=max(1, len(sampler) // 4),

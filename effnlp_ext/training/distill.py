@@ -281,13 +281,17 @@ class IntermediateKD(_Stage):
     ``student_width != teacher_width`` learned projections (``nn.Linear``, no bias, one for the
     embeddings and one shared by the layers, as TinyBERT) are created: they are this module's
     parameters and must be given to the optimizer alongside the student's.
+    ``prediction``: a :class:`PredictionKD` whose logit (+ hard-label) terms are added, computed
+    from the same two forward passes (hidden states and predictions learned in one stage).
     """
 
     def __init__(self, layer_map: LayerMap | None = None, embedding_weight: float = 1.0,
                  attention_weight: float = 1.0, hidden_weight: float = 1.0,
-                 student_width: int | None = None, teacher_width: int | None = None):
+                 student_width: int | None = None, teacher_width: int | None = None,
+                 prediction: "PredictionKD | None" = None):
         super().__init__()
         self.layer_map = layer_map
+        self.prediction = prediction
         self.embedding_weight = embedding_weight
         self.attention_weight = attention_weight
         self.hidden_weight = hidden_weight
@@ -317,8 +321,14 @@ class IntermediateKD(_Stage):
             if self.hidden_weight:
                 hid = hid + hidden_mse_loss(s.hidden[si], t.hidden[ti], mask, self.hidden_projection)
         loss = self.embedding_weight * emb + self.attention_weight * att + self.hidden_weight * hid
-        logs = {"loss": loss.item(), "kd_embedding": emb.item(), "kd_attention": att.item(),
-                "kd_hidden": hid.item()}
+        logs = {"kd_embedding": emb.item(), "kd_attention": att.item(), "kd_hidden": hid.item()}
+        if self.prediction is not None:
+            if s.logits is None or t.logits is None:
+                raise ValueError("IntermediateKD: prediction terms need models that return logits")
+            pred, pred_logs = self.prediction.terms(s.logits, t.logits, batch)
+            loss = loss + pred
+            logs.update(pred_logs)
+        logs["loss"] = loss.item()
         return loss, logs
 
 
@@ -342,6 +352,13 @@ class PredictionKD(_Stage):
         with torch.no_grad():
             t_logits = teacher(**inputs).logits
         s_logits = student(**inputs).logits
+        loss, logs = self.terms(s_logits, t_logits, batch)
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    def terms(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
+              batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted logit-KD (+ hard-label) loss of given logits, and its logs."""
         kd = logit_kd_loss(s_logits, t_logits, self.temperature, self.mode)
         loss = self.kd_weight * kd
         logs = {"kd_logits": kd.item()}
@@ -355,5 +372,4 @@ class PredictionKD(_Stage):
                 hard = F.cross_entropy(s_logits.float(), labels)
             loss = loss + self.label_weight * hard
             logs["hard_label"] = hard.item()
-        logs["loss"] = loss.item()
         return loss, logs

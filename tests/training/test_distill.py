@@ -180,6 +180,25 @@ def test_intermediate_kd_width_projection():
     assert len(list(kd.parameters())) == 2
 
 
+def test_intermediate_kd_with_prediction_terms_is_the_sum_of_both_stages():
+    """Hidden-state and logit/label losses from one pair of forwards equal the two stages' sum."""
+    teacher, student = tiny_bert(seed=1).eval(), tiny_bert(seed=2).eval()
+    batch = tiny_batch()
+    hidden = distill.IntermediateKD(embedding_weight=0.0, attention_weight=0.0, hidden_weight=0.7)
+    pred = distill.PredictionKD(temperature=2.0, label_weight=0.5)
+    both = distill.IntermediateKD(embedding_weight=0.0, attention_weight=0.0, hidden_weight=0.7,
+                                  prediction=pred)
+    loss, logs = both(student, teacher, batch)
+    expected = hidden(student, teacher, batch)[0] + pred(student, teacher, batch)[0]
+    torch.testing.assert_close(loss, expected)
+    assert {"kd_hidden", "kd_logits", "hard_label", "loss"} <= set(logs)
+    assert logs["kd_hidden"] > 0 and logs["kd_logits"] > 0
+    loss.backward()
+    assert student.classifier.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="logits"):
+        distill.IntermediateKD(prediction=pred)(student.bert, teacher.bert, batch)
+
+
 @pytest.mark.parametrize("label_weight", [0.0, 0.5])
 def test_prediction_kd_stage(label_weight):
     teacher, student = tiny_bert(seed=1), tiny_bert(seed=2).train()
