@@ -9,6 +9,13 @@ copies table.md, demo.json and pareto.png to ``experiments/results/elue-tasks/<t
 then writes ``summary.md`` / ``summary.json``: per method and task the dev metric (x100) and
 MFLOPs per sample, and per method the mean ELUE score over the tasks it ran on.
 
+SNLI's dev split (9,842 pairs) is scored several times by every recipe, which alone takes over
+an hour here: by default (``--dev-sample snli=2000``) its task runs on a derived data folder in
+``$EFFNLP_CACHE/data-dev-sample/`` whose dev file is a seeded sample of the real one's lines (the
+other files are links to the originals; nothing is copied into the repository), with its own
+cache (``<that folder>/cache``: every checkpoint there was picked on the sampled dev). The
+summary names the sampled tasks.
+
 Latency is off by default here (``--latency`` turns it on): the tasks may run two at a time,
 one thread each, and contended timings would mislead; the demo and the SST-2 table measure it.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +42,36 @@ GROUPS = [("teacher (MiniLM-L6)", "teacher", None),
           ("multi-exit, last exit", "multi-exit (static)", "multi_exit"),
           ("multi-exit, best early exit (entropy; patience on STS-B)", "multi-exit (dynamic)",
            "multi_exit")]
+
+
+def dev_sampled_dir(data_dir: str | Path, task: str, size: int, seed: int = 0) -> Path:
+    """A ``data_dir``-style folder for ``task`` whose dev file keeps a seeded ``size`` lines.
+
+    Line-based dev files only (JSON lines, or TSV/CSV without quoted newlines); a header line is
+    kept. The other split files of the task are symbolic links to the originals.
+    """
+    from effnlp_ext.data import get_task, seeded_subset
+    from effnlp_ext.training.teacher import cache_root
+
+    spec = get_task(task)
+    dev = spec.splits["dev"]
+    if dev.path.endswith(".gz") or (dev.fmt == "csv"):
+        raise ValueError(f"dev_sampled_dir: {dev.path} is not a plain line-per-example file")
+    out = cache_root() / "data-dev-sample" / f"{spec.name}-dev{size}-seed{seed}"
+    target = out / dev.path
+    if not target.exists():
+        for split in spec.splits.values():
+            link = out / split.path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if split.path != dev.path and not link.exists():
+                link.symlink_to((Path(data_dir) / split.path).resolve())
+        lines = (Path(data_dir) / dev.path).read_text(encoding="utf-8").splitlines(keepends=True)
+        head, body = (lines[:1], lines[1:]) if dev.header else ([], lines)
+        body = [ln for ln in body if ln.strip()]
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("".join(head + seeded_subset(body, size, seed)), encoding="utf-8")
+        tmp.replace(target)
+    return out
 
 
 def run_task(task: str, data_dir: str, latency: bool) -> None:
@@ -70,8 +108,12 @@ def render() -> str:
     if not runs:
         raise SystemExit(f"no task results under {OUT}")
     tasks = list(runs)
-    head = "| method | " + " | ".join(f"{t} ({runs[t].get('metric', 'accuracy')})"
-                                      for t in tasks) + " | mean ELUE score |"
+    sampled = {t: json.loads((OUT / t / "dev_sample.json").read_text())["dev_examples"]
+               for t in tasks if (OUT / t / "dev_sample.json").exists()}
+    head = "| method | " + " | ".join(
+        f"{t} ({runs[t].get('metric', 'accuracy')}"
+        + (f"; dev sample of {sampled[t]:,}" if t in sampled else "") + ")"
+        for t in tasks) + " | mean ELUE score |"
     lines = ["Per task: dev metric x100 / MFLOPs per sample (brief-budget demo pipeline; "
              "`experiments/elue_tasks.py`). ELUE score: points above the multi-exit static curve "
              "at the same FLOPs (log-FLOPs interpolation), averaged over the tasks run.", "",
@@ -108,10 +150,28 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--latency", action="store_true")
     p.add_argument("--render", action="store_true", help="only rebuild summary.md")
+    p.add_argument("--dev-sample", nargs="*", default=["snli=2000"], metavar="TASK=N",
+                   help="score TASK on a seeded N-example sample of its dev split")
     args = p.parse_args(argv)
+    samples = {t: int(n) for t, n in (kv.split("=") for kv in args.dev_sample)}
     if not args.render:
         for task in args.tasks:
-            run_task(task, args.data_dir, args.latency)
+            if task not in samples:
+                run_task(task, args.data_dir, args.latency)
+                continue
+            # its own cache too: teachers and students select checkpoints on the sampled dev
+            data_dir = dev_sampled_dir(args.data_dir, task, samples[task])
+            saved = os.environ.get("EFFNLP_CACHE")
+            os.environ["EFFNLP_CACHE"] = str(data_dir / "cache")
+            try:
+                run_task(task, str(data_dir), args.latency)
+            finally:
+                if saved is None:
+                    os.environ.pop("EFFNLP_CACHE")
+                else:
+                    os.environ["EFFNLP_CACHE"] = saved
+            (OUT / task / "dev_sample.json").write_text(
+                json.dumps({"dev_examples": samples[task], "seed": 0}))
     print(render())
     return 0
 
