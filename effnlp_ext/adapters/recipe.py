@@ -27,6 +27,7 @@ from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode,
                     get_task, load_task, seeded_subset)
 from ..training import TrainConfig, Trainer, linear_warmup_decay, param_groups
 from ..training.evaluate import evaluate
+from ..training.heads import start_at_label_mean
 from ..training.teacher import OFFLINE_BASE, base_model_path
 from .convert import (add_adapters, adapted_outputs, adapter_parameter_count, prune_adapters,
                       trainable_parameter_names)
@@ -95,6 +96,7 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     train = seeded_subset(load_task(config.task, "train", data_dir), config.train_size, config.seed)
+    start_at_label_mean(model, [e.label for e in train])   # regression heads only
     dev = seeded_subset(load_task(config.task, "dev", data_dir), config.dev_size, config.seed)
     train_f, dev_f = encode(train, tokenizer, config.max_length), encode(dev, tokenizer, config.max_length)
     collator = DynamicPaddingCollator.from_tokenizer(tokenizer)

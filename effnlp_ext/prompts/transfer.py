@@ -20,6 +20,7 @@ from ..data import (DynamicPaddingCollator, encode, get_task, load_task, seeded_
                     split_examples)
 from ..training import TrainConfig, Trainer
 from ..training.evaluate import evaluate
+from ..training.heads import start_at_label_mean
 from ..training.teacher import base_model_path
 from .modules import PromptedClassifier, SoftPrompt, classifier_head
 
@@ -103,12 +104,15 @@ def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | No
     ``[{step, accuracy}]`` (step 0 = before training), the best accuracy and where the prompt
     and head were saved. Resumable in ``out``."""
     out = Path(out)
-    if model is None:
+    fresh_head = model is None
+    if fresh_head:
         model, tokenizer = load_frozen(config)
     prompt = SoftPrompt.from_prompt(prompt) if prompt is not None else initial_prompt(config, model)
     wrapped = PromptedClassifier(model, prompt)
     train_f, dev_f, collator = _loaders(config, tokenizer, data_dir)
     task = get_task(config.task)
+    if fresh_head:   # regression heads only
+        start_at_label_mean(model, [f["labels"] for f in train_f])
     metric = task.metrics[0]
     start = evaluate_prompt(wrapped, dev_f, collator, task.name)[metric]
     cfg = TrainConfig(lr=config.lr, max_steps=config.steps, batch_size=config.batch_size,

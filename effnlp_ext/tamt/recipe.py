@@ -33,6 +33,7 @@ from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode,
 from ..training import TrainConfig, Trainer
 from ..training.distill import IntermediateKD
 from ..training.evaluate import latency_ms, main_metric
+from ..training.heads import start_at_label_mean
 from ..training.teacher import OFFLINE_BASE, base_model_path
 from .export import export
 from .modules import DEFAULT_TARGETS, apply_masks, masked_modules
@@ -184,6 +185,7 @@ def finetune(config: TamtConfig, masks: dict | None, data_dir, out) -> dict:
         for m in masked_modules(model.bert).values():
             m.train_scores(False)
     train = seeded_subset(load_task(config.task, "train", data_dir), config.finetune_size, config.seed)
+    start_at_label_mean(model, [e.label for e in train])   # regression heads only
     dev = load_task(config.task, "dev", data_dir)
     train_f = encode(train, tokenizer, config.max_length)
     dev_f = encode(dev, tokenizer, config.max_length)
