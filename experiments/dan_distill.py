@@ -2,7 +2,7 @@
 
     python experiments/dan_distill.py [--task sst2] [--out DIR] [--quick] [--no-ablations]
     python experiments/dan_distill.py --task imdb --teacher-train-size 6000 \
-        --teacher-max-length 256 --teacher-lr 1e-4 --report-split test
+        --teacher-max-length 256 --teacher-lr 1e-4 --report-split test --report-size 5000
 
 1. main: hashed n-grams (orders 1-3, 2^20 buckets x dim 128), distilled from the cached
    MiniLM teacher's logits over the task's train split, then fine-tuned on the gold labels;
@@ -11,9 +11,10 @@
 3. frequency pruning: accuracy vs table size for min_count 1, 2, 3, 5, 10;
 4. fastText trained on the same texts with the main student's dim/buckets/order: accuracy and
    predict throughput in the same process.
-``--report-split test`` also scores teacher, DAN and fastText on that split minus every example
-of the dev split (IMDb's dev is a seeded 2,000 of its test reviews and picks the checkpoints, so
-those are left out of the reported test figure).
+``--report-split test [--report-size N]`` also scores teacher, DAN and fastText on that split
+minus every example of the dev split, or on a seeded N of those (the DAN also on all of them):
+IMDb's dev is a seeded 2,000 of its test reviews and picks the checkpoints, so those are left
+out of the reported test figure.
 Each run resumes from its folder; results go to experiments/results/dan_<task>.json.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from effnlp_ext.dan import DAN  # noqa: E402
 from effnlp_ext.dan.compare import dan_vs_fasttext  # noqa: E402
 from effnlp_ext.dan.recipe import (SparseDistillConfig, cached_teacher_logits,  # noqa: E402
                                    distill_dan)
-from effnlp_ext.data import compute_metrics, load_task  # noqa: E402
+from effnlp_ext.data import compute_metrics, load_task, seeded_subset  # noqa: E402
 from effnlp_ext.training.teacher import TeacherConfig, load_teacher  # noqa: E402
 
 
@@ -67,6 +68,8 @@ def main() -> int:
     p.add_argument("--teacher-max-length", type=int, default=128)
     p.add_argument("--teacher-lr", type=float, default=None, help="default: TeacherConfig's")
     p.add_argument("--report-split", default=None, help="also score on this split minus dev")
+    p.add_argument("--report-size", type=int, default=0,
+                   help="a seeded subset of the report split for the teacher (0: all of it)")
     p.add_argument("--budget", type=int, default=1 << 23, help="table parameters of ablation 2")
     p.add_argument("--quick", action="store_true", help="1 KD epoch, fewer ablation points")
     p.add_argument("--no-ablations", action="store_true", help="main student and fastText only")
@@ -97,14 +100,17 @@ def main() -> int:
     evals = load_task(args.task, "dev", args.data_dir)
     student = DAN.load(out / "main" / "model")
     if args.report_split:
-        evals = heldout_split(args.task, args.report_split, args.data_dir)
-        gold = torch.tensor([e.label for e in evals])
+        heldout = heldout_split(args.task, args.report_split, args.data_dir)
+        evals = seeded_subset(heldout, args.report_size, base.seed)
         key = f"{args.report_split}_minus_dev"
+
+        def dan_metrics(examples):
+            return compute_metrics(args.task, student.predict_logits([e.text_a for e in examples]),
+                                   torch.tensor([e.label for e in examples]))
         results[key] = {
-            "size": len(evals),
-            "student": compute_metrics(args.task, student.predict_logits(
-                [e.text_a for e in evals]), gold),
+            "size": len(evals), "heldout_size": len(heldout),
             "teacher": teacher_metrics_on(base, evals, key, args.data_dir),
+            "student": dan_metrics(evals), "student_on_all_heldout": dan_metrics(heldout),
         }
         save()
         print(json.dumps(results[key], indent=2))
