@@ -205,6 +205,23 @@ def test_cuda_kernel_registered_when_built_with_cuda():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("effnlp::fourier_mix", "CUDA")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_fewer_sequences_than_threads_matches_reference(threads):
+    # The MKL path runs sequences in parallel when there are enough of them, and one at a time
+    # through a plan threaded inside MKL when there are fewer than threads: both, with lengths.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape, lengths in [((1, 300, 24), None), ((3, 40, 10), torch.tensor([40, 7, 0])),
+                               ((4, 65, 17), torch.tensor([1, 65, 64, 2])), ((2, 1, 5), None)]:
+            for dtype, tol in [(torch.float64, 1e-11), (torch.float32, 2e-4)]:
+                x = torch.randn(*shape, dtype=dtype)
+                torch.testing.assert_close(effnlp_ext.fourier_mix(x, lengths),
+                                           fourier_mix_ref(x, lengths), rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("env", [{"EFFNLP_FOURIER_NO_MKL": "1"}, {"EFFNLP_FOURIER_GEMM_MAX_L": "0"},
                                  {"EFFNLP_FOURIER_GEMM_MAX_L": "1000"}], ids=str)
 def test_every_kernel_path_matches_reference(monkeypatch, env):
