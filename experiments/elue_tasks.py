@@ -47,8 +47,8 @@ GROUPS = [("teacher (MiniLM-L6)", "teacher", None),
 def dev_sampled_dir(data_dir: str | Path, task: str, size: int, seed: int = 0) -> Path:
     """A ``data_dir``-style folder for ``task`` whose dev file keeps a seeded ``size`` lines.
 
-    Line-based dev files only (JSON lines, or TSV/CSV without quoted newlines); a header line is
-    kept. The other split files of the task are symbolic links to the originals.
+    Line-based dev files only (JSON lines or TSV, not gzipped; CSV may quote newlines); a header
+    line is kept. The other split files of the task are symbolic links to the originals.
     """
     from effnlp_ext.data import get_task, seeded_subset
     from effnlp_ext.training.teacher import cache_root
