@@ -80,8 +80,9 @@ void dfti_check(long status, const char* what) {
               DftiErrorMessage != nullptr ? DftiErrorMessage(status) : "(no message)");
 }
 
-// A committed single-threaded 2-D real-to-complex plan [n, H] -> [n, H/2+1] (CCE storage),
-// one per thread, length and precision, kept for the life of the thread.
+// A committed 2-D real-to-complex plan [n, H] -> [n, H/2+1] (CCE storage) that uses at most
+// `threads` MKL threads, one per calling thread, length, precision and thread limit, kept for the
+// life of the calling thread.
 struct Plan {
   DFTI_DESCRIPTOR_HANDLE handle = nullptr;
   ~Plan() {
@@ -89,7 +90,7 @@ struct Plan {
   }
 };
 
-DFTI_DESCRIPTOR_HANDLE plan_2d_r2c(int64_t n, int64_t H, bool dbl, long threads = 1) {
+DFTI_DESCRIPTOR_HANDLE plan_2d_r2c(int64_t n, int64_t H, bool dbl, long threads) {
   thread_local std::map<std::tuple<int64_t, int64_t, bool, long>, Plan> plans;
   Plan& p = plans[{n, H, dbl, threads}];
   if (p.handle == nullptr) {
@@ -211,33 +212,31 @@ void mix_sequences_mkl(const at::Tensor& x3, at::Tensor& y3, const std::vector<L
   const int64_t K = H / 2 + 1;
   const T* x = x3.data_ptr<T>();
   T* y = y3.data_ptr<T>();
+  // Sequence b (true length n) into this thread's spectrum buffer, by a cached plan that may
+  // thread inside MKL; returns the spectrum [n, K] (complex, interleaved).
+  auto transform = [&](int64_t b, int64_t n, long plan_threads) -> const T* {
+    thread_local std::vector<T> spectrum;
+    if (spectrum.size() < size_t(2 * n * K)) spectrum.resize(2 * n * K);
+    DFTI_DESCRIPTOR_HANDLE h = plan_2d_r2c(n, H, std::is_same_v<T, double>, plan_threads);
+    dfti_check(DftiComputeForward(h, const_cast<T*>(x + b * L * H), spectrum.data()), "compute");
+    return spectrum.data();
+  };
   const int threads = at::get_num_threads();
   if (static_cast<int64_t>(work.size()) < threads) {
     // Fewer sequences than threads (e.g. one long document): one at a time, each transformed by
-    // a cached plan that threads inside MKL, its output rows then written in parallel.
-    thread_local std::vector<T> spectrum;
+    // a plan threaded inside MKL, its output rows then written in parallel.
     for (const auto& [b, n] : work) {
-      if (spectrum.size() < size_t(2 * n * K)) spectrum.resize(2 * n * K);
-      DFTI_DESCRIPTOR_HANDLE h = plan_2d_r2c(n, H, std::is_same_v<T, double>, long(threads));
-      dfti_check(DftiComputeForward(h, const_cast<T*>(x + b * L * H), spectrum.data()),
-                 "compute");
-      const T* z = spectrum.data();
-      T* yb = y + b * L * H;
-      at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
-        write_from_spectrum(z, yb, n, H, K, j0, j1);
+      const T* z = transform(b, n, long(threads));
+      at::parallel_for(0, n, 64, [&, b = b, n = n](int64_t j0, int64_t j1) {
+        write_from_spectrum(z, y + b * L * H, n, H, K, j0, j1);
       });
     }
     return;
   }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
-    thread_local std::vector<T> spectrum;
     for (int64_t w = w0; w < w1; ++w) {
       const auto [b, n] = work[w];
-      if (spectrum.size() < size_t(2 * n * K)) spectrum.resize(2 * n * K);
-      DFTI_DESCRIPTOR_HANDLE h = plan_2d_r2c(n, H, std::is_same_v<T, double>);
-      dfti_check(DftiComputeForward(h, const_cast<T*>(x + b * L * H), spectrum.data()),
-                 "compute");
-      write_from_spectrum(spectrum.data(), y + b * L * H, n, H, K, 0, n);
+      write_from_spectrum(transform(b, n, 1L), y + b * L * H, n, H, K, 0, n);
     }
   });
 }
