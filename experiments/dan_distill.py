@@ -36,7 +36,7 @@ from effnlp_ext.dan.compare import dan_vs_fasttext  # noqa: E402
 from effnlp_ext.dan.recipe import (SparseDistillConfig, cached_teacher_logits,  # noqa: E402
                                    distill_dan)
 from effnlp_ext.data import compute_metrics, load_task, seeded_subset  # noqa: E402
-from effnlp_ext.training.teacher import TeacherConfig, load_teacher  # noqa: E402
+from effnlp_ext.training.teacher import load_teacher  # noqa: E402
 
 
 def heldout_split(task: str, split: str, data_dir: Path) -> list:
@@ -47,8 +47,7 @@ def heldout_split(task: str, split: str, data_dir: Path) -> list:
 
 def teacher_metrics_on(config: SparseDistillConfig, examples, split: str, data_dir: Path) -> dict:
     """The teacher's metrics on ``examples`` (its logits cached beside it, like the train ones)."""
-    tconfig = TeacherConfig(task=config.task, train_size=config.teacher_train_size,
-                            **config.teacher_settings)
+    tconfig = config.teacher_config()
     teacher, tokenizer, _ = load_teacher(tconfig, data_dir)
     t0 = time.time()
     logits = cached_teacher_logits(tconfig, teacher, tokenizer, split,

@@ -53,6 +53,11 @@ class SparseDistillConfig:
     seed: int = 42
     extra: dict = field(default_factory=dict)
 
+    def teacher_config(self) -> TeacherConfig:
+        """The cached teacher this student distils from."""
+        return TeacherConfig(task=get_task(self.task).name, train_size=self.teacher_train_size,
+                             **self.teacher_settings)
+
 
 @torch.no_grad()
 @torch.no_grad()
@@ -138,8 +143,7 @@ def distill_dan(config: SparseDistillConfig, data_dir: str | Path, out: str | Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(config.task)
-    tconfig = TeacherConfig(task=task.name, train_size=config.teacher_train_size,
-                            **config.teacher_settings)
+    tconfig = config.teacher_config()
     teacher, tokenizer, record = load_teacher(tconfig, data_dir)
     full_train = load_task(task.name, "train", data_dir)
     if full_train and full_train[0].text_b is not None:
