@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "elue-tasks"
@@ -161,15 +162,8 @@ def main(argv=None) -> int:
                 continue
             # its own cache too: teachers and students select checkpoints on the sampled dev
             data_dir = dev_sampled_dir(args.data_dir, task, samples[task])
-            saved = os.environ.get("EFFNLP_CACHE")
-            os.environ["EFFNLP_CACHE"] = str(data_dir / "cache")
-            try:
+            with mock.patch.dict(os.environ, {"EFFNLP_CACHE": str(data_dir / "cache")}):
                 run_task(task, str(data_dir), args.latency)
-            finally:
-                if saved is None:
-                    os.environ.pop("EFFNLP_CACHE")
-                else:
-                    os.environ["EFFNLP_CACHE"] = saved
             (OUT / task / "dev_sample.json").write_text(
                 json.dumps({"dev_examples": samples[task], "seed": 0}))
     print(render())
