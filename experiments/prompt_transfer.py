@@ -4,13 +4,15 @@ transfer by initialisation, and a cross-model projector.
     python experiments/prompt_transfer.py [--steps 300] [--max-length 128] [--quick]
                                           [--out experiments/runs/prompts]
 
-1. library: one prompt (20 tokens, vocab init) + head per task, on the frozen MiniLM-L6;
+1. library: one prompt (20 tokens, vocab init, a different vocabulary sample per task) + head
+   per task, on the frozen MiniLM-L6;
 2. similarity matrix across the library (cosine, per-token cosine, ON);
 3. zero-shot transfer: task A's prompt with task B's head on B's dev sample (tasks with the
    same number of labels), and its Spearman correlation with each similarity;
 4. transfer by initialisation: for each target, probe (a short random-init run), pick the
-   library prompt most similar by ON (target excluded), train from it; steps to reach the
-   random-init run's final accuracy, and a PNG of the learning curves;
+   library prompt most similar by ON (target excluded), train from it (with its head when the
+   label counts match); steps, probe included, to reach the final accuracy of a random-init
+   prompt tuned for the full budget, and a PNG of the learning curves;
 5. cross-model: source = MiniLM truncated to 3 layers, target = MiniLM-L6. Both share the
    input-embedding table (the only pretrained encoders available offline), so reusing a
    prompt as it is ("identity") is the baseline the projector must beat: the 3-layer model's
@@ -35,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 from effnlp_ext.data import get_task, spearman  # noqa: E402
 from effnlp_ext.prompts import (PromptConfig, PromptedClassifier, PromptProjector,  # noqa: E402
                                 ProjectedPrompt, SoftPrompt, evaluate_prompt, load_frozen,
-                                most_similar, similarity_matrix, steps_to_reach,
-                                train_prompt)
+                                similarity_matrix, steps_to_reach, train_prompt,
+                                transfer_init)
 from effnlp_ext.prompts.modules import classifier_head  # noqa: E402
 from effnlp_ext.prompts.transfer import _loaders  # noqa: E402
 from effnlp_ext.training import TrainConfig, Trainer  # noqa: E402
@@ -87,26 +89,28 @@ def main() -> int:
                    default=ROOT / "experiments" / "results" / "prompt_transfer.json")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--probe-steps", type=int, default=30)
-    p.add_argument("--targets", nargs="+", default=["imdb", "rte", "mrpc"])
+    p.add_argument("--targets", nargs="+", default=["imdb", "sst2", "rte"])
     p.add_argument("--tasks", nargs="+", default=TASKS)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--train-size", type=int, default=4000)
     p.add_argument("--eval-size", type=int, default=400)
+    p.add_argument("--evals", type=int, default=10, help="evaluations per run (learning curve)")
     p.add_argument("--quick", action="store_true", help="2 tasks, few steps: a smoke run")
     args = p.parse_args()
     if args.quick:
         args.tasks, args.targets, args.steps, args.probe_steps = ["sst2", "imdb"], ["imdb"], 10, 5
-    base = PromptConfig(steps=args.steps, eval_every=max(5, args.steps // 6),
+    base = PromptConfig(steps=args.steps, eval_every=max(5, args.steps // args.evals),
                         train_size=args.train_size, eval_size=args.eval_size,
                         max_length=args.max_length)
     res: dict = {"steps": args.steps, "tasks": args.tasks}
     save = lambda: (args.results.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
                     args.results.write_text(json.dumps(res, indent=2)))
 
-    # 1. library
+    # 1. library: vocab-initialised prompts, each task from its own vocabulary sample
     lib, heads, finals = {}, {}, {}
-    for t in args.tasks:
-        r = train_prompt(replace(base, task=t), args.data_dir, args.out / "lib" / t)
+    for i, t in enumerate(args.tasks):
+        r = train_prompt(replace(base, task=t, init_seed=base.seed + 1 + i), args.data_dir,
+                         args.out / "lib" / t)
         lib[t], heads[t] = _load(Path(r["prompt"]))
         finals[t] = r["curve"][-1]["accuracy"]
         res.setdefault("library", {})[t] = {"best": r["best"], "final": finals[t],
@@ -136,31 +140,33 @@ def main() -> int:
                                         for m in sims}
     save()
 
-    # 4. transfer by initialisation
+    # 4. transfer by initialisation, against a random-init prompt tuned for as many steps
     curves, speed = {}, {}
     for t in args.targets:
         cfg = replace(base, task=t)
-        rnd = train_prompt(cfg, args.data_dir, args.out / "init" / f"{t}-random")
-        probe = train_prompt(replace(cfg, steps=args.probe_steps), args.data_dir,
-                             args.out / "init" / f"{t}-probe")
-        source, scores = most_similar(SoftPrompt.load(Path(probe["prompt"]))[0], lib, frozen,
-                                      exclude=[t])
-        tr = train_prompt(cfg, args.data_dir, args.out / "init" / f"{t}-from-{source}",
-                          prompt=lib[source])
+        rnd = train_prompt(replace(cfg, init="random"), args.data_dir,
+                           args.out / "init" / f"{t}-random")
+        tr = transfer_init(cfg, {k: (lib[k], heads[k]) for k in lib}, args.data_dir,
+                           args.out / "init" / t, probe_steps=args.probe_steps, frozen=frozen)
         target = rnd["curve"][-1]["accuracy"]
         reach = steps_to_reach(tr["curve"], target)
-        curves[t] = {"default init (sampled vocabulary)": rnd["curve"], f"from {source} (ON)": tr["curve"]}
-        speed[t] = {"source": source, "on_scores": scores, "random_final": target,
-                    "transfer_final": tr["curve"][-1]["accuracy"],
-                    "steps_to_random_final": reach, "probe_steps": args.probe_steps,
+        curves[t] = {"random init": rnd["curve"],
+                     f"from {tr['source']} (ON{', with its head' if tr['head_transferred'] else ''})":
+                     tr["curve"]}
+        speed[t] = {"source": tr["source"], "on_scores": tr["on_scores"],
+                    "head_transferred": tr["head_transferred"], "random_final": target,
+                    "random_best": rnd["best"], "transfer_final": tr["curve"][-1]["accuracy"],
+                    "transfer_best": tr["best"], "steps_to_random_final": reach,
+                    "probe_steps": args.probe_steps,
                     "fraction_of_steps": (None if reach is None else
-                                          (reach + args.probe_steps) / args.steps)}
+                                          (reach + args.probe_steps) / args.steps),
+                    "curves": {"random": rnd["curve"], "transfer": tr["curve"]}}
         res["transfer_init"] = speed
         save()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     png = args.results.with_suffix(".png")
     plot_curves(curves, png)
-    res["curves_png"] = str(png.relative_to(ROOT))
+    res["curves_png"] = str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png)
 
     # 5. cross-model projector: 3-layer MiniLM -> MiniLM-L6
     small = replace(base, num_layers=3)

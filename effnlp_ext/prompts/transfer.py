@@ -3,14 +3,16 @@
 ``train_prompt`` tunes a soft prompt (and the task's classification head) on a frozen
 pretrained encoder, evaluating on a fixed dev sample every ``eval_every`` steps, and returns
 the learning curve. ``transfer_init`` picks the source prompt of a library that is most similar
-to a short probe of the target task by activated-neuron overlap (ON), then trains from it.
+to a short probe of the target task by activated-neuron overlap (ON), then trains from it (and
+from the source's classification head when the two tasks have the same number of labels: an
+encoder's prompt is trained together with its head, so the pair is what the source learned).
 Task splits: a task's own train/dev; IMDb's dev is a seeded sample of its test split; AG News
 ships only a test split here, so it is split 90/10 (seeded) into train and dev.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from ..training.evaluate import evaluate
 from ..training.heads import start_at_label_mean
 from ..training.teacher import base_model_path
 from .modules import PromptedClassifier, SoftPrompt, classifier_head
+from .similarity import most_similar
 
 
 @dataclass
@@ -40,6 +43,8 @@ class PromptConfig:
     max_length: int = 128
     num_layers: int | None = None    # truncate the encoder to its first k layers
     seed: int = 42
+    init_seed: int | None = None     # seed of the initial prompt (None: ``seed``); a library
+                                     # gives each task its own so the prompts start apart
 
 
 def task_splits(task: str, data_dir, seed: int = 42) -> tuple[list, list]:
@@ -77,11 +82,12 @@ def truncate(model, num_layers: int):
 
 def initial_prompt(config: PromptConfig, model) -> SoftPrompt:
     emb = model.get_input_embeddings()
+    seed = config.seed if config.init_seed is None else config.init_seed
     if config.init == "random":
-        return SoftPrompt.random(config.n_tokens, emb.embedding_dim, config.seed)
+        return SoftPrompt.random(config.n_tokens, emb.embedding_dim, seed)
     if config.init == "vocab":
         special = tuple(range(0, 1000))   # BERT vocabularies keep [PAD]/[unused*]/[CLS]... first
-        return SoftPrompt.from_vocab(emb, config.n_tokens, config.seed, exclude=special)
+        return SoftPrompt.from_vocab(emb, config.n_tokens, seed, exclude=special)
     raise ValueError(f"init must be 'vocab' or 'random', got {config.init!r}")
 
 
@@ -99,10 +105,10 @@ def evaluate_prompt(model: PromptedClassifier, dev_features, collator, task: str
 
 
 def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | None = None,
-                 model=None, tokenizer=None) -> dict:
-    """Tunes a prompt (``prompt`` or ``config.init``) and the head; returns the curve
-    ``[{step, accuracy}]`` (step 0 = before training), the best accuracy and where the prompt
-    and head were saved. Resumable in ``out``."""
+                 head: dict | None = None, model=None, tokenizer=None) -> dict:
+    """Tunes a prompt (``prompt`` or ``config.init``) and the head (``head``: a state dict to
+    start from, else a fresh one); returns the curve ``[{step, accuracy}]`` (step 0 = before
+    training), the best accuracy and where the prompt and head were saved. Resumable in ``out``."""
     out = Path(out)
     fresh_head = model is None
     if fresh_head:
@@ -111,7 +117,9 @@ def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | No
     wrapped = PromptedClassifier(model, prompt)
     train_f, dev_f, collator = _loaders(config, tokenizer, data_dir)
     task = get_task(config.task)
-    if fresh_head:   # regression heads only
+    if head is not None:
+        classifier_head(model).load_state_dict(head)
+    elif fresh_head:   # regression heads only
         start_at_label_mean(model, [f["labels"] for f in train_f])
     metric = task.metrics[0]
     start = evaluate_prompt(wrapped, dev_f, collator, task.name)[metric]
@@ -136,6 +144,34 @@ def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | No
            "best": max(c["accuracy"] for c in curve), "prompt": str(out / "prompt")}
     (out / "results.json").write_text(json.dumps(res, indent=2))
     return res
+
+
+def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dict]], data_dir,
+                  out, *, probe_steps: int = 30, frozen=None) -> dict:
+    """Transfer by initialisation for the target ``config.task``.
+
+    1. probe: ``probe_steps`` of tuning a random-init prompt on the target (the probe says what
+       the target makes the model do; its cost counts toward the transfer's);
+    2. the library prompt most similar to the probe by ON (the target's own prompt excluded);
+    3. tuning from that prompt for ``config.steps``, with the source's head when its label count
+       equals the target's (else a fresh head).
+    ``library``: ``{task: (prompt, head_state)}``. Returns the source, the ON scores, whether
+    the head was transferred and the run's results (``curve``)."""
+    out = Path(out)
+    if frozen is None:
+        frozen, _ = load_frozen(config)
+    probe = train_prompt(replace(config, steps=probe_steps, init="random",
+                                 eval_every=max(1, probe_steps)), data_dir, out / "probe")
+    source, scores = most_similar(SoftPrompt.load(Path(probe["prompt"]))[0],
+                                  {k: p for k, (p, _) in library.items()}, frozen,
+                                  exclude=[config.task])
+    prompt, head = library[source]
+    n_out = head["weight"].shape[0] if "weight" in head else None
+    use_head = n_out == get_task(config.task).num_labels
+    run = train_prompt(config, data_dir, out / f"from-{source}", prompt=prompt,
+                       head=head if use_head else None)
+    return {"source": source, "on_scores": scores, "head_transferred": use_head,
+            "probe_steps": probe_steps, **run}
 
 
 def steps_to_reach(curve: list[dict], target: float) -> int | None:
