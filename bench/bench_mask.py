@@ -14,7 +14,7 @@ from conftest import QUICK, record
 
 
 @pytest.mark.parametrize("case", QUICK_TRAIN_CASES if QUICK else TRAIN_CASES, ids=str)
-@pytest.mark.parametrize("sparsity", [0.7] if QUICK else [0.5, 0.7, 0.9])
+@pytest.mark.parametrize("sparsity", [0.7, 0.9] if QUICK else [0.5, 0.7, 0.9, 0.95])
 def test_masked_linear_train(benchmark, case, sparsity):
     rows = benchmark.pedantic(run_train_case, args=(*case, sparsity), kwargs={"quick": QUICK},
                               rounds=1, iterations=1)

@@ -319,3 +319,72 @@ def test_cuda_kernel_registered_when_built_with_cuda():
         pytest.skip("CPU-only torch: CUDA kernels are checked by `make cuda-check`")
     for op in ("masked_linear", "_masked_linear_backward", "sparse_linear"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"effnlp::{op}", "CUDA")
+
+
+# --- the CPU sparse path: at most 15% of the weights kept (scores ~ N(0, 1), so a threshold of
+# 1.3 keeps ~10%; 1.04 keeps ~15%), forward and dX through the CSR kernel of sparse_linear.
+SPARSE_T = 1.3
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(96, 200), (1, 300), (300, 1)], ids=str)
+@pytest.mark.parametrize("batch", [(), (1,), (2, 9), (0,), (70,)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_path_matches_reference(shape, batch, dtype):
+    out, inp = shape
+    w, s, b = _make(out, inp, dtype)
+    x = torch.randn(*batch, inp, dtype=dtype)
+    g = torch.randn(*batch, out, dtype=dtype)
+    ins = [t.clone().requires_grad_() for t in (x, w, s, b)]
+    refs = [t.double().requires_grad_() for t in (x, w, s, b)]
+    y = effnlp_ext.masked_linear(ins[0], ins[1], ins[2], SPARSE_T, ins[3])
+    yr = masked_linear_ref(refs[0], refs[1], refs[2], SPARSE_T, refs[3])
+    tol = _tol(dtype, max(inp, out) * max(1, x.numel() // max(inp, 1)))
+    torch.testing.assert_close(y.double(), yr, **tol)
+    grads = torch.autograd.grad(y, ins, g, allow_unused=True)
+    grads_r = torch.autograd.grad(yr, refs, g.double(), allow_unused=True)
+    for a, r in zip(grads, grads_r):
+        torch.testing.assert_close(a.double(), r, **tol)
+
+
+def test_sparse_path_gradcheck_and_opcheck():
+    w, s, b = _make(23, 31, torch.float64)
+    x = torch.randn(2, 13, 31, dtype=torch.float64, requires_grad=True)
+    bb = b.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, b: effnlp_ext.masked_linear(x, w, s, SPARSE_T, b), (x, bb))
+    ins = [t.detach().float().requires_grad_() for t in (x, w, s, b)]
+    torch.library.opcheck(torch.ops.effnlp.masked_linear, (ins[0], ins[1], ins[2], SPARSE_T, ins[3]))
+    g = torch.randn(2, 13, 23)
+    for mask in ([True, True, True, True], [True, False, False, False]):
+        torch.library.opcheck(torch.ops.effnlp._masked_linear_backward,
+                              (g, x.detach().float(), w.float(), s.float(), SPARSE_T, mask))
+
+
+def test_sparse_path_non_contiguous_and_expanded_grad():
+    x = torch.randn(9, 60, dtype=torch.float64)[:, ::2].requires_grad_()
+    w = torch.randn(30, 40, dtype=torch.float64).t()          # [40, 30], non-contiguous
+    s = torch.randn(30, 40, dtype=torch.float64).t().requires_grad_()
+    y = effnlp_ext.masked_linear(x, w, s, SPARSE_T)
+    xr, sr = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    yr = masked_linear_ref(xr, w, sr, SPARSE_T)
+    torch.testing.assert_close(y, yr)
+    for a, r in zip(torch.autograd.grad(y.sum(), [x, s]), torch.autograd.grad(yr.sum(), [xr, sr])):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("t", [0.9, 1.0, 1.08, 1.2])   # ~18%, 16%, 14%, 11.5% kept
+def test_dense_and_sparse_paths_agree_around_the_cutoff(t):
+    torch.manual_seed(3)
+    w, s, b = _make(257, 300)
+    x = torch.randn(700, 300)
+    g = torch.randn(700, 257)
+    res = []
+    for _ in range(2):   # deterministic on repeat, every thread count
+        ins = [t_.clone().requires_grad_() for t_ in (x, w, s)]
+        y = effnlp_ext.masked_linear(ins[0], ins[1], ins[2], t, b)
+        res.append((y, *torch.autograd.grad(y, ins, g)))
+    for a, c in zip(*res):
+        assert torch.equal(a, c)
+    refs = [t_.double().requires_grad_() for t_ in (x, w, s)]
+    yr = masked_linear_ref(refs[0], refs[1], refs[2], t, b.double())
+    for a, r in zip(res[0], (yr, *torch.autograd.grad(yr, refs, g.double()))):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-3)

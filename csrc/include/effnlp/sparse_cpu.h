@@ -1,0 +1,187 @@
+// CPU sparse x dense products shared by sparse_linear (the exported TAMT path) and masked_linear
+// (its sparse path at high sparsity), and the builders of CSR matrices from a masked weight.
+//
+// sparse_linear_impl: y = x @ W.T + bias with W [out, in] in CSR (int32 indices).
+// Layout: tokens go in blocks of B = 8 vectors (64 floats, 32 doubles). A block of x is
+// transposed once into a thread-local panel xT [in, B] (contiguous rows of B, in L2); each
+// output row o is then sum_p W[o, col_p] * xT[col_p, :], eight register accumulators fed
+// by one broadcast value and eight contiguous loads per nonzero. So every nonzero costs B
+// FMAs at full vector width with no gather, the ideal for an unstructured mask. Accumulators
+// start at the bias; rows are done in chunks whose results (a [chunk, B] tile) are transposed
+// back into y. Both transposes go through 8x8 register tiles (at::vec::transpose_mxn).
+// The work is split over (token block, row chunk) tiles in block-major order, so a thread
+// re-transposes only when its block changes and small batches still use every core.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace effnlp {
+namespace sparse_cpu {
+
+template <typename T>
+struct Panel {
+  std::vector<T> xt, tile;
+  int64_t block = -1;
+};
+
+template <typename T>
+Panel<T>& panel() {
+  thread_local Panel<T> p;
+  return p;
+}
+
+// dst[j, i] = src[i, j] for a [rows, cols] src (leading dims ld_src, ld_dst), 8x8 tiles.
+template <typename T>
+inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+    const int64_t mi = std::min<int64_t>(8, rows - i0);
+    for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+      const int64_t mj = std::min<int64_t>(8, cols - j0);
+      const T* s = src + i0 * ld_src + j0;
+      T* d = dst + j0 * ld_dst + i0;
+      if (mi == 8 && mj == 8) {
+        at::vec::transpose_mxn<T, 8, 8>(s, ld_src, d, ld_dst);
+      } else {
+        at::vec::transpose_mxn<T>(s, ld_src, d, ld_dst, static_cast<int>(mi), static_cast<int>(mj));
+      }
+    }
+  }
+}
+
+template <typename T>
+inline void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, const T* val,
+                        const T* bias, T* y, int64_t N, int64_t in, int64_t out) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t B = 8 * V;
+  constexpr int64_t kChunk = 128;
+  const int64_t nblocks = (N + B - 1) / B;
+  const int64_t nchunks = (out + kChunk - 1) / kChunk;
+  at::parallel_for(0, nblocks * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    Panel<T>& P = panel<T>();
+    if (static_cast<int64_t>(P.xt.size()) < in * B) P.xt.resize(in * B);
+    if (static_cast<int64_t>(P.tile.size()) < kChunk * B) P.tile.resize(kChunk * B);
+    P.block = -1;  // a fresh range: the panel of a previous call is stale
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t / nchunks, chunk = t % nchunks;
+      const int64_t n0 = blk * B, nb = std::min<int64_t>(B, N - n0);
+      T* xt = P.xt.data();
+      if (P.block != blk) {
+        // xT[k, j] = x[n0 + j, k]; lanes past the last token are zero.
+        // x block [nb, in] -> xT [in, B] in 8x8 tiles (AVX2 shuffles for float).
+        transpose(x + n0 * in, in, xt, B, nb, in);
+        if (nb < B) {
+          for (int64_t k = 0; k < in; ++k) std::fill(xt + k * B + nb, xt + (k + 1) * B, T(0));
+        }
+        P.block = blk;
+      }
+      const int64_t o0 = chunk * kChunk, o1 = std::min<int64_t>(out, o0 + kChunk);
+      T* tile = P.tile.data();
+      for (int64_t o = o0; o < o1; ++o) {
+        const Vec init(bias ? bias[o] : T(0));
+        Vec a0 = init, a1 = init, a2 = init, a3 = init, a4 = init, a5 = init, a6 = init, a7 = init;
+        for (int32_t p = crow[o]; p < crow[o + 1]; ++p) {
+          const Vec v(val[p]);
+          const T* r = xt + static_cast<int64_t>(col[p]) * B;
+          a0 = at::vec::fmadd(v, Vec::loadu(r), a0);
+          a1 = at::vec::fmadd(v, Vec::loadu(r + V), a1);
+          a2 = at::vec::fmadd(v, Vec::loadu(r + 2 * V), a2);
+          a3 = at::vec::fmadd(v, Vec::loadu(r + 3 * V), a3);
+          a4 = at::vec::fmadd(v, Vec::loadu(r + 4 * V), a4);
+          a5 = at::vec::fmadd(v, Vec::loadu(r + 5 * V), a5);
+          a6 = at::vec::fmadd(v, Vec::loadu(r + 6 * V), a6);
+          a7 = at::vec::fmadd(v, Vec::loadu(r + 7 * V), a7);
+        }
+        T* dst = tile + (o - o0) * B;
+        a0.store(dst); a1.store(dst + V); a2.store(dst + 2 * V); a3.store(dst + 3 * V);
+        a4.store(dst + 4 * V); a5.store(dst + 5 * V); a6.store(dst + 6 * V); a7.store(dst + 7 * V);
+      }
+      // tile [rows, B] (bias already in) -> y[n0.., o0..] [nb, rows], 8x8 tiles.
+      transpose(tile, B, y + n0 * out + o0, out, o1 - o0, nb);
+    }
+  });
+}
+
+// CSR of a masked matrix M = W * 1[S > t] (W, S: [rows, cols], contiguous), or of its
+// transpose M.T ([cols, rows]: the CSC of M) when `transposed`. int32 indices; rows/cols and
+// the number of kept entries must fit in int32 (checked by the caller). Parallel over row
+// chunks: each chunk counts its kept entries per output row, a prefix sum over (output row,
+// chunk) gives every chunk its slots, then each chunk fills them in order, so the column
+// indices of every output row come out sorted.
+template <typename T>
+struct MaskedCsr {
+  std::vector<int32_t> crow, col;
+  std::vector<T> val;
+};
+
+// Kept entries of M (one pass over S).
+template <typename T>
+int64_t count_kept(const T* s, T t, int64_t n) {
+  return at::parallel_reduce(0, n, int64_t{1} << 16, int64_t{0}, [&](int64_t b, int64_t e, int64_t acc) {
+    for (int64_t i = b; i < e; ++i) acc += s[i] > t;
+    return acc;
+  }, std::plus<int64_t>());
+}
+
+template <typename T>
+void build_masked_csr(const T* w, const T* s, T t, int64_t rows, int64_t cols, bool transposed,
+                      MaskedCsr<T>& out) {
+  const int64_t out_rows = transposed ? cols : rows;
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  const int64_t per = (rows + nchunks - 1) / nchunks;
+  // counts[c * out_rows + r]: kept entries of chunk c in output row r.
+  std::vector<int64_t> counts(nchunks * out_rows, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* cnt = counts.data() + c * out_rows;
+      for (int64_t r = c * per; r < std::min(rows, (c + 1) * per); ++r) {
+        const T* sr = s + r * cols;
+        if (transposed) {
+          for (int64_t j = 0; j < cols; ++j) cnt[j] += sr[j] > t;
+        } else {
+          int64_t k = 0;
+          for (int64_t j = 0; j < cols; ++j) k += sr[j] > t;
+          cnt[r] = k;
+        }
+      }
+    }
+  });
+  out.crow.assign(out_rows + 1, 0);
+  int64_t total = 0;
+  for (int64_t r = 0; r < out_rows; ++r) {      // counts -> each chunk's first slot in row r
+    out.crow[r] = static_cast<int32_t>(total);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t k = counts[c * out_rows + r];
+      counts[c * out_rows + r] = total;
+      total += k;
+    }
+  }
+  out.crow[out_rows] = static_cast<int32_t>(total);
+  out.col.resize(total);
+  out.val.resize(total);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* pos = counts.data() + c * out_rows;
+      for (int64_t r = c * per; r < std::min(rows, (c + 1) * per); ++r) {
+        const T* sr = s + r * cols;
+        const T* wr = w + r * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          if (!(sr[j] > t)) continue;
+          const int64_t o = transposed ? j : r;
+          const int64_t p = pos[o]++;
+          out.col[p] = static_cast<int32_t>(transposed ? r : j);
+          out.val[p] = wr[j];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace sparse_cpu
+}  // namespace effnlp
