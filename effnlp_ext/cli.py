@@ -16,6 +16,7 @@
   effnlp tamt sweep [--sparsities 0.5 0.7 0.9] [--out DIR]  dense vs OMP vs TAMT on SST-2 dev
   effnlp adapters bench [--full] [--json PATH]        the rational op vs torch and rational-activations
   effnlp adapters compare [--tasks sst2 mrpc] [--variants relu rational adaptable] [--out DIR]
+                          [--switch-cost L] [--max-layers K] [--retrain] [--seeds S ...]
                                                      adapter tuning of the frozen MiniLM, 3 variants
 """
 from __future__ import annotations
@@ -283,9 +284,10 @@ def adapters(args) -> int:
     summary = run_comparison(args.out, args.data_dir, tasks=args.tasks, variants=args.variants,
                              train_size=args.train_size or None, dev_size=args.dev_size or None,
                              epochs=args.epochs, lr=args.lr, max_length=args.max_length,
-                             reduction_factor=args.reduction_factor, seed=args.seed,
+                             reduction_factor=args.reduction_factor, seeds=args.seeds,
                              switch_lr_mult=args.switch_lr_mult, switch_cost=args.switch_cost,
-                             switch_cost_start=args.switch_cost_start, progress=args.progress)
+                             switch_cost_start=args.switch_cost_start, max_layers=args.max_layers,
+                             retrain=args.retrain, progress=args.progress)
     print(format_comparison(summary))
     return 0
 
@@ -473,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
                          "layers keeping theirs (adaptable only)")
     ac.add_argument("--switch-cost-start", type=float, default=0.5,
                     help="fraction of the training steps after which the price applies")
-    ac.add_argument("--seed", type=int, default=42)
+    ac.add_argument("--max-layers", type=int, default=None,
+                    help="adaptable: keep at most this many adapter layers (highest P(adapter))")
+    ac.add_argument("--retrain", action="store_true",
+                    help="after each adaptable run, train rational adapters in its kept layers "
+                         "only, from a fresh start (the 'retrained' row)")
+    ac.add_argument("--seeds", type=int, nargs="+", default=[42])
     ac.add_argument("--progress", action="store_true")
     ac.add_argument("--data-dir", type=Path, default=_default_data_dir())
     ac.add_argument("--out", type=Path, default=Path("runs") / "adapters")

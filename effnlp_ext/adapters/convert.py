@@ -120,15 +120,26 @@ def switch_choices(model: nn.Module) -> dict[int, str]:
     return out
 
 
-def prune_adapters(model: nn.Module) -> dict:
+def prune_adapters(model: nn.Module, max_layers: int | None = None) -> dict:
     """Removes the adapters of layers whose switch chose identity and the switches of the
-    others (their adapter is then always applied). Returns a report: the layers kept and
-    removed, and the adapter parameters left and removed."""
+    others (their adapter is then always applied). ``max_layers``: a budget; when more layers
+    chose "adapter", only the ``max_layers`` with the highest P(adapter) keep theirs. Returns a
+    report: the layers kept and removed, and the adapter parameters left and removed."""
     kept, removed, removed_params = [], [], 0
-    for i, o in adapted_outputs(model).items():
+    outputs = adapted_outputs(model)
+    over_budget: set[int] = set()
+    if max_layers is not None:
+        if max_layers < 0:
+            raise ValueError(f"prune_adapters: max_layers must be >= 0, got {max_layers}")
+        if any(o.adapter is not None and o.switch is None for o in outputs.values()):
+            raise ValueError("prune_adapters: max_layers needs a switch in every adapted layer")
+        chosen = {i: float(o.switch.probabilities()[0]) for i, o in outputs.items()
+                  if o.adapter is not None and o.switch.choice() == "adapter"}
+        over_budget = set(sorted(chosen, key=lambda i: -chosen[i])[max_layers:])
+    for i, o in outputs.items():
         if o.adapter is None:
             continue
-        if o.switch is not None and o.switch.choice() == "identity":
+        if o.switch is not None and (o.switch.choice() == "identity" or i in over_budget):
             removed_params += sum(p.numel() for p in o.adapter.parameters())
             o.adapter = None
             removed.append(i)
@@ -143,6 +154,34 @@ def prune_adapters(model: nn.Module) -> dict:
         setattr(config, CONFIG_KEY, info)
     return {"layers_kept": kept, "layers_removed": removed,
             "adapter_params": adapter_parameter_count(model), "adapter_params_removed": removed_params}
+
+
+def keep_layers(model: nn.Module, layers) -> dict:
+    """Removes the adapters (and switches) of every layer not in ``layers``, as
+    ``prune_adapters`` does for layers whose switch chose identity; ``load_adapted`` rebuilds the
+    result. Used to train adapters on a chosen set of layers only (e.g. those an adaptable
+    adapter kept). Returns the same report as ``prune_adapters``."""
+    outputs = adapted_outputs(model)
+    layers = sorted({int(i) for i in layers})
+    unknown = [i for i in layers if i not in outputs]
+    if unknown:
+        raise ValueError(f"keep_layers: no adapted layer {unknown}; the model has {sorted(outputs)}")
+    removed, removed_params = [], 0
+    for i, o in outputs.items():
+        if i not in layers and o.adapter is not None:
+            removed_params += sum(p.numel() for p in o.adapter.parameters())
+            if o.switch is not None:
+                removed_params += sum(p.numel() for p in o.switch.parameters())
+            o.adapter, o.switch = None, None
+            removed.append(i)
+    config = getattr(model, "config", None)
+    if config is not None and isinstance(getattr(config, CONFIG_KEY, None), dict):
+        info = dict(getattr(config, CONFIG_KEY))
+        info["pruned_layers"] = sorted(set(info.get("pruned_layers", [])) | set(removed))
+        setattr(config, CONFIG_KEY, info)
+    return {"layers_kept": [i for i in outputs if outputs[i].adapter is not None],
+            "layers_removed": removed, "adapter_params": adapter_parameter_count(model),
+            "adapter_params_removed": removed_params}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,12 @@
   ``switch_lr_mult`` times the learning rate); after training the layers whose switch chose
   identity are pruned (``prune_adapters``) and the pruned model is evaluated. With
   ``switch_cost`` > 0 each layer's P(adapter) is priced in the loss
-  (``expected_adapter_fraction``), so a layer keeps its adapter only where it pays.
+  (``expected_adapter_fraction``), so a layer keeps its adapter only where it pays, and
+  ``max_layers`` caps the layers kept (the highest P(adapter) first);
+* ``retrained`` (``run_comparison`` with ``retrain=True``): the architecture an adaptable run
+  found, trained again from a fresh start: rational adapters in the kept layers only
+  (``AdapterConfig.layers``), the same schedule. The switch search shares its steps between
+  choosing and fitting; the retrained model spends them all on fitting the chosen layers.
 
 The pre-trained model (the offline MiniLM-L6 by default) is frozen: only adapters, switches and
 the classification head train, with the shared ``Trainer`` (AdamW, warmup/decay, checkpoints
@@ -29,8 +34,8 @@ from ..training import TrainConfig, Trainer, linear_warmup_decay, param_groups
 from ..training.evaluate import evaluate
 from ..training.heads import start_at_label_mean
 from ..training.teacher import OFFLINE_BASE, base_model_path
-from .convert import (add_adapters, adapted_outputs, adapter_parameter_count, prune_adapters,
-                      trainable_parameter_names)
+from .convert import (add_adapters, adapted_outputs, adapter_parameter_count, keep_layers,
+                      prune_adapters, trainable_parameter_names)
 from .modules import expected_adapter_fraction, set_temperature, temperature_schedule
 
 VARIANTS = {"relu": ("relu", False), "rational": ("rational", False), "adaptable": ("rational", True)}
@@ -54,6 +59,8 @@ class AdapterConfig:
     switch_cost: float = 0.0          # loss += switch_cost * expected fraction of adapted layers
     switch_cost_start: float = 0.5    # ... from this fraction of the steps on (adapters start as
                                       # the identity: before they learn, the price alone acts)
+    max_layers: int | None = None     # adaptable: keep at most this many layers when pruning
+    layers: tuple | None = None       # adapters in these layers only (None: every layer)
     seed: int = 42
     progress: bool = False
 
@@ -93,6 +100,8 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
     activation, switch = VARIANTS[config.variant]
     add_adapters(model, config.reduction_factor, activation, switch=switch, temperature=config.tau_start)
+    if config.layers is not None:
+        keep_layers(model, config.layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     train = seeded_subset(load_task(config.task, "train", data_dir), config.train_size, config.seed)
@@ -132,7 +141,7 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
     if switch:
         res["switch_p_adapter"] = {i: round(float(o.switch.probabilities()[0]), 3)
                                    for i, o in adapted_outputs(model).items()}
-        res["prune"] = prune_adapters(model)
+        res["prune"] = prune_adapters(model, config.max_layers)
         res["dev_pruned"] = evaluate(model, dev_loader, config.task)
     model.save_pretrained(out / "model")      # adapters/load_adapted(out / "model") rebuilds it
     rationals = {i: o.adapter.act.numerator.detach().flatten().tolist()
@@ -145,25 +154,44 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
     return json.loads(text)  # the same object a later call reads back (str keys)
 
 
-def run_comparison(out, data_dir, tasks=("sst2", "mrpc"), variants=tuple(VARIANTS), **overrides) -> dict:
-    """Every variant on every task with the same recipe; ``<out>/summary.json``."""
+def run_comparison(out, data_dir, tasks=("sst2", "mrpc"), variants=tuple(VARIANTS),
+                   seeds=(42,), retrain: bool = False, **overrides) -> dict:
+    """Every variant on every task and seed with the same recipe; ``<out>/summary.json``.
+    ``retrain``: after each adaptable run, the ``retrained`` row (its kept layers, trained again
+    from a fresh start with rational adapters)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = AdapterConfig(**overrides)
-    summary = {"config": {k: v for k, v in asdict(base).items() if k not in ("variant", "task")},
-               "rows": []}
+    summary = {"config": {k: v for k, v in asdict(base).items() if k not in ("variant", "task", "seed")},
+               "seeds": list(seeds), "rows": []}
+
+    def add_row(task, variant, seed, res):
+        row = {"task": task, "variant": variant, "seed": seed,
+               **{f"dev_{k}": v for k, v in res["dev"].items()},
+               "trainable_params": res["trainable_params"], "adapter_params": res["adapter_params"],
+               "train_seconds": res["train_seconds"]}
+        if "prune" in res:
+            row.update({f"pruned_dev_{k}": v for k, v in res["dev_pruned"].items()})
+            row["layers_kept"] = res["prune"]["layers_kept"]
+            row["adapter_params_after_prune"] = res["prune"]["adapter_params"]
+        if res["config"].get("layers") is not None:
+            row["layers_kept"] = list(res["config"]["layers"])
+            row["adapter_params_after_prune"] = res["adapter_params"]
+        summary["rows"].append(row)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
     for task in tasks:
-        for variant in variants:
-            res = train_variant(replace(base, task=task, variant=variant), data_dir, out / f"{task}-{variant}")
-            row = {"task": task, "variant": variant, **{f"dev_{k}": v for k, v in res["dev"].items()},
-                   "trainable_params": res["trainable_params"], "adapter_params": res["adapter_params"],
-                   "train_seconds": res["train_seconds"]}
-            if "prune" in res:
-                row.update({f"pruned_dev_{k}": v for k, v in res["dev_pruned"].items()})
-                row["layers_kept"] = res["prune"]["layers_kept"]
-                row["adapter_params_after_prune"] = res["prune"]["adapter_params"]
-            summary["rows"].append(row)
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        for seed in seeds:
+            tag = "" if len(seeds) == 1 else f"-seed{seed}"
+            for variant in variants:
+                cfg = replace(base, task=task, variant=variant, seed=seed)
+                res = train_variant(cfg, data_dir, out / f"{task}-{variant}{tag}")
+                add_row(task, variant, seed, res)
+                if retrain and variant == "adaptable":
+                    kept = tuple(res["prune"]["layers_kept"])
+                    again = train_variant(replace(cfg, variant="rational", layers=kept, max_layers=None),
+                                          data_dir, out / f"{task}-retrained{tag}")
+                    add_row(task, "retrained", seed, again)
     return summary
 
 
@@ -172,13 +200,13 @@ def format_comparison(summary: dict) -> str:
     lines = [f"{c['base']}, frozen; adapters (reduction {c['reduction_factor']}) + head trained on "
              f"{c['train_size']} train examples x {c['epochs']} epoch(s), lr {c['lr']}, "
              f"max_length {c['max_length']}; dev metrics",
-             "", "| task | variant | dev | trainable params | adapter params | layers kept | "
-                 "dev after prune | train s |", "|---|---|---|---|---|---|---|---|"]
+             "", "| task | variant | seed | dev | trainable params | adapter params | layers kept | "
+                 "dev after prune | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         dev = ", ".join(f"{k[4:]} {100 * v:.2f}" for k, v in r.items() if k.startswith("dev_"))
         pr = ", ".join(f"{k[11:]} {100 * v:.2f}" for k, v in r.items() if k.startswith("pruned_dev_"))
         kept = (f"{len(r['layers_kept'])} {r['layers_kept']} ({r['adapter_params_after_prune']})"
                 if "layers_kept" in r else "all")
-        lines.append(f"| {r['task']} | {r['variant']} | {dev} | {r['trainable_params']} | "
+        lines.append(f"| {r['task']} | {r['variant']} | {r.get('seed', '')} | {dev} | {r['trainable_params']} | "
                      f"{r['adapter_params']} | {kept} | {pr or '-'} | {r['train_seconds']} |")
     return "\n".join(lines)

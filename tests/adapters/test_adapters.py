@@ -12,7 +12,7 @@ from torch import nn
 from effnlp_ext.adapters import (APPROXIMATIONS, AdaptedOutput, Adapter, LayerSwitch,
                                  RationalActivation, adapted_outputs, adapter_parameter_count,
                                  adapter_state_dict, add_adapters, expected_adapter_fraction,
-                                 fit_error, load_adapted,
+                                 fit_error, keep_layers, load_adapted,
                                  load_adapter_state, prune_adapters, rational_init, set_temperature,
                                  switch_choices, temperature_schedule, trainable_parameter_names)
 from effnlp_ext.adapters.fits import rational_eval
@@ -270,6 +270,46 @@ def test_prune_removes_identity_layers_and_keeps_the_function():
     torch.testing.assert_close(_out(model, b), ref, rtol=0, atol=0)
     model.train()  # pruned: training mode no longer samples
     torch.testing.assert_close(_out(model.eval(), b), ref, rtol=0, atol=0)
+
+
+def test_prune_with_a_layer_budget_keeps_the_most_likely_adapters():
+    model = add_adapters(tiny_bert(layers=4), activation="relu", switch=True)
+    with torch.no_grad():   # P(adapter): 0.73, 0.27 (identity), 0.88, 0.62
+        for i, o in adapted_outputs(model).items():
+            o.switch.logits.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.5, 0.0]][i]))
+    per_layer = adapter_parameter_count(model) // 4
+    report = prune_adapters(model, max_layers=2)
+    assert report["layers_kept"] == [0, 2] and report["layers_removed"] == [1, 3]
+    assert report["adapter_params"] == 2 * per_layer
+    assert prune_adapters(add_adapters(tiny_bert(), switch=True), max_layers=5)["layers_removed"] == []
+    with pytest.raises(ValueError, match="needs a switch"):
+        prune_adapters(add_adapters(tiny_bert(), switch=False), max_layers=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        prune_adapters(add_adapters(tiny_bert(), switch=True), max_layers=-1)
+
+
+def test_keep_layers_trains_only_the_chosen_adapters_and_round_trips(tmp_path):
+    model = add_adapters(tiny_bert(), activation="rational", switch=False)
+    per_layer = adapter_parameter_count(model) // 3
+    report = keep_layers(model, [2])
+    assert report["layers_kept"] == [2] and report["layers_removed"] == [0, 1]
+    assert report["adapter_params"] == per_layer
+    assert switch_choices(model) == {0: "pruned", 1: "pruned", 2: "adapter"}
+    names = trainable_parameter_names(model)
+    assert names and all(".layer.2." in n or n.startswith("classifier.") for n in names)
+    # a training step reaches the kept adapter
+    b = _batch()
+    model.train()
+    model(**b, labels=torch.arange(b["input_ids"].shape[0]) % 2).loss.backward()
+    assert model.bert.encoder.layer[2].output.adapter.down.weight.grad is not None
+    model.eval()
+    ref = _out(model, b)
+    model.save_pretrained(tmp_path)
+    loaded = load_adapted(tmp_path).eval()
+    assert switch_choices(loaded) == {0: "pruned", 1: "pruned", 2: "adapter"}
+    torch.testing.assert_close(_out(loaded, b), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no adapted layer"):
+        keep_layers(add_adapters(tiny_bert()), [3])
 
 
 def test_adapter_state_round_trip():

