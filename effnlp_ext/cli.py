@@ -18,6 +18,9 @@
   effnlp adapters compare [--tasks sst2 mrpc] [--variants relu rational adaptable] [--out DIR]
                           [--switch-cost L] [--max-layers K] [--retrain] [--seeds S ...]
                                                      adapter tuning of the frozen MiniLM, 3 variants
+  effnlp prompts train --task T [--init vocab|random] [--init-from DIR]   tune a soft prompt + head
+  effnlp prompts transfer --task T --library DIR ...  start from the ON-nearest library prompt
+  effnlp prompts similarity DIR ...                  cosine / token cosine / ON between prompts
 """
 from __future__ import annotations
 
@@ -188,6 +191,24 @@ def prompts(args) -> int:
         res = train_prompt(cfg, args.data_dir, out, prompt=init)
         print(json.dumps({"best": res["best"], "curve": res["curve"], "prompt": res["prompt"]},
                          indent=2))
+        return 0
+    if args.prompts_cmd == "transfer":
+        import torch
+
+        from .prompts import transfer_init
+        library = {}
+        for p in args.library:       # folders written by `prompts train` (…/prompt): task from metadata
+            prompt, meta = SoftPrompt.load(p)
+            library[meta["task"]] = (prompt, torch.load(Path(p) / "head.pt"))
+        lengths = {p.n_tokens for p, _ in library.values()}
+        if len(lengths) != 1:
+            raise SystemExit(f"prompts transfer: the library's prompts have different lengths {lengths}")
+        cfg = PromptConfig(task=args.task, n_tokens=lengths.pop(), steps=args.steps, lr=args.lr,
+                           train_size=args.train_size or None)
+        res = transfer_init(cfg, library, args.data_dir, args.out or Path("runs") / f"transfer-{args.task}",
+                            probe_steps=args.probe_steps)
+        print(json.dumps({k: res[k] for k in ("source", "on_scores", "head_transferred", "best",
+                                              "curve", "prompt")}, indent=2))
         return 0
     lib = {Path(p).parent.name if Path(p).name == "prompt" else Path(p).name: SoftPrompt.load(p)[0]
            for p in args.prompts}
@@ -414,6 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--num-layers", type=int, default=None, help="truncate the encoder")
     pt.add_argument("--data-dir", type=Path, default=_default_data_dir())
     pt.add_argument("--out", type=Path, default=None)
+    pf = psub.add_parser("transfer", help="tune a prompt for --task starting from the library "
+                                          "prompt (+ head) nearest by ON to a short probe")
+    pf.add_argument("--task", required=True)
+    pf.add_argument("--library", nargs="+", required=True, type=Path,
+                    help="folders written by `prompts train` (…/prompt, with head.pt)")
+    pf.add_argument("--steps", type=int, default=300)
+    pf.add_argument("--probe-steps", type=int, default=20)
+    pf.add_argument("--lr", type=float, default=3e-2)
+    pf.add_argument("--train-size", type=int, default=8000)
+    pf.add_argument("--data-dir", type=Path, default=_default_data_dir())
+    pf.add_argument("--out", type=Path, default=None)
     ps = psub.add_parser("similarity", help="cosine / token cosine / ON between saved prompts")
     ps.add_argument("prompts", nargs="+", help="folders written by `prompts train` (…/prompt)")
     el = sub.add_parser("elue", help="ELUE: multi-exit baseline, every method side by side")

@@ -59,6 +59,51 @@ def zero_shot(cfg: PromptConfig, prompt: SoftPrompt, head_state, data_dir) -> fl
     return evaluate_prompt(PromptedClassifier(model, prompt), dev_f, coll, cfg.task)[metric]
 
 
+def render(res: dict) -> str:
+    """The README tables from a results JSON (``--render``)."""
+    tasks = res["tasks"]
+    lines = ["| task | metric | step 0 | best | final |", "|---|---|---:|---:|---:|"]
+    for t in tasks:
+        lib = res["library"][t]
+        metric = "MCC" if get_task(t).metrics[0] != "accuracy" else "acc"
+        lines.append(f"| {t} | {metric} | {100 * lib['curve'][0]['accuracy']:.1f} | "
+                     f"{100 * lib['best']:.1f} | {100 * lib['final']:.1f} |")
+    on = res["similarity"]["on"]
+    lines += ["", "ON similarity (activated-neuron overlap):", "",
+              "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines += [f"| {a} | " + " | ".join(f"{on[a][b]:.3f}" for b in tasks) + " |" for a in tasks]
+    zs = res.get("zero_shot", {})
+    cols = sorted({b for row in zs.values() for b in row})
+    lines += ["", "Zero-shot transfer (row prompt with the column task's own head; column's metric):", "",
+              "| prompt \\ task | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for a in tasks:
+        if a in zs:
+            lines.append(f"| {a} | " + " | ".join(f"{100 * zs[a][b]:.1f}" if b in zs[a] else "–"
+                                                   for b in cols) + " |")
+    if "zero_shot_correlation" in res:
+        lines += ["", "Spearman correlation with relative zero-shot performance: " +
+                  ", ".join(f"{m} {v:+.2f}" for m, v in res["zero_shot_correlation"].items())]
+    steps = res["steps"]
+    lines += ["", "| target | source (ON) | head transferred | random-init final | transfer step 0 | "
+              "transfer final | steps to random's final | incl. probe, fraction of " + str(steps) + " |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for t, r in res.get("transfer_init", {}).items():
+        reach = "never" if r["steps_to_random_final"] is None else r["steps_to_random_final"]
+        frac = "–" if r["fraction_of_steps"] is None else f"{r['fraction_of_steps']:.2f}"
+        lines.append(f"| {t} | {r['source']} | {'yes' if r.get('head_transferred') else 'no'} | "
+                     f"{100 * r['random_final']:.1f} | {100 * r['curves']['transfer'][0]['accuracy']:.1f} | "
+                     f"{100 * r['transfer_final']:.1f} | {reach} | {frac} |")
+    if "cross_model" in res:
+        cm = res["cross_model"]
+        lines += ["", f"Cross-model ({cm['source']} → {cm['target']}, projector trained on "
+                      f"{cm['projector_trained_on']}):", "",
+                  "| task | projected | identity | random | trained on target |", "|---|---:|---:|---:|---:|"]
+        for t, r in cm["tasks"].items():
+            lines.append(f"| {t} | " + " | ".join(f"{100 * r[k]:.1f}" for k in
+                                                 ("projected", "identity", "random", "trained_on_target")) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -96,7 +141,11 @@ def main() -> int:
     p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--evals", type=int, default=10, help="evaluations per run (learning curve)")
     p.add_argument("--quick", action="store_true", help="2 tasks, few steps: a smoke run")
+    p.add_argument("--render", action="store_true", help="print the tables of --results and exit")
     args = p.parse_args()
+    if args.render:
+        print(render(json.loads(args.results.read_text())))
+        return 0
     if args.quick:
         args.tasks, args.targets, args.steps, args.probe_steps = ["sst2", "imdb"], ["imdb"], 10, 5
     base = PromptConfig(steps=args.steps, eval_every=max(5, args.steps // args.evals),

@@ -72,6 +72,10 @@ def activated_neurons(model: nn.Module, prompt: SoftPrompt, cls_id: int = 101,
 
 def on_similarity(acts_a: torch.Tensor, acts_b: torch.Tensor, per_layer: bool = False):
     """Cosine of binary activation patterns, averaged over layers (or the per-layer list)."""
+    if acts_a.shape != acts_b.shape:
+        raise ValueError(f"on_similarity: activation patterns of different shapes "
+                         f"{tuple(acts_a.shape)} and {tuple(acts_b.shape)} (prompts of different "
+                         f"lengths, or models of different depth or FFN width)")
     sims = torch.nn.functional.cosine_similarity(acts_a, acts_b, dim=-1, eps=1e-8)
     return sims.tolist() if per_layer else float(sims.mean())
 

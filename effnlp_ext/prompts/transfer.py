@@ -158,6 +158,10 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
     ``library``: ``{task: (prompt, head_state)}``. Returns the source, the ON scores, whether
     the head was transferred and the run's results (``curve``)."""
     out = Path(out)
+    lengths = {k: p.n_tokens for k, (p, _) in library.items()}
+    if any(n != config.n_tokens for n in lengths.values()):
+        raise ValueError(f"transfer_init: the library's prompts must have config.n_tokens = "
+                         f"{config.n_tokens} tokens (ON compares position by position), got {lengths}")
     if frozen is None:
         frozen, _ = load_frozen(config)
     probe = train_prompt(replace(config, steps=probe_steps, init="random",

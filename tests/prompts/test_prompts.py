@@ -1,6 +1,7 @@
 """Soft prompts: insertion, frozen PLM, save/load, similarities (ON), projector, prompt tuning."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def test_similarities():
     assert most_similar(near, lib, model, exclude=["b"])[0] in {"a", "c"}
     with pytest.raises(ValueError, match="different shapes"):
         cosine(a, SoftPrompt.random(5, H))
+    with pytest.raises(ValueError, match="different lengths"):
+        on_similarity(activated_neurons(model, a), activated_neurons(model, SoftPrompt.random(5, H)))
 
 
 def test_projector_drives_target_and_trains_only_itself():
@@ -152,6 +155,16 @@ def test_train_prompt_learns_a_toy_task(tmp_path):
     assert tr["source"] == max(tr["on_scores"], key=tr["on_scores"].get)
     assert tr["head_transferred"] and tr["probe_steps"] == 2
     assert tr["curve"][0]["accuracy"] == res["best"]
+    # the CLI: a library of saved prompts (task from their metadata)
+    from effnlp_ext.cli import main
+    loaded.save(tmp_path / "lib" / "imdb", task="imdb")
+    torch.save(head, tmp_path / "lib" / "imdb" / "head.pt")
+    assert main(["prompts", "transfer", "--task", "sst2", "--library", str(tmp_path / "lib" / "imdb"),
+                 "--steps", "1", "--probe-steps", "1", "--train-size", "16", "--data-dir", str(data),
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "from-imdb" / "results.json").read_text())["curve"]
+    with pytest.raises(ValueError, match="n_tokens"):
+        transfer_init(replace(cfg, n_tokens=5), library, data, tmp_path / "bad")
 
 
 def test_initial_prompt_seed():
