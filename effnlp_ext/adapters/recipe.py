@@ -209,4 +209,25 @@ def format_comparison(summary: dict) -> str:
                 if "layers_kept" in r else "all")
         lines.append(f"| {r['task']} | {r['variant']} | {r.get('seed', '')} | {dev} | {r['trainable_params']} | "
                      f"{r['adapter_params']} | {kept} | {pr or '-'} | {r['train_seconds']} |")
+    seeds = sorted({r.get("seed") for r in summary["rows"]})
+    if len(seeds) > 1:
+        lines += ["", f"Mean ± std over seeds {seeds} (the first dev metric; adaptable: before and "
+                      "after pruning; adapter params: after pruning):", "",
+                  "| task | variant | dev | adapter params (share of ReLU's) |", "|---|---|---|---|"]
+        groups: dict = {}
+        for r in summary["rows"]:
+            groups.setdefault((r["task"], r["variant"]), []).append(r)
+        for (task, variant), rows in groups.items():
+            key = next(k for k in rows[0] if k.startswith("dev_"))
+            relu = groups.get((task, "relu"), rows)[0]["adapter_params"]
+
+            def ms(vals):
+                t = torch.tensor(vals, dtype=torch.float64) * 100
+                return f"{t.mean():.2f} ± {t.std(unbiased=True) if len(vals) > 1 else 0:.2f}"
+            params = [r.get("adapter_params_after_prune", r["adapter_params"]) for r in rows]
+            dev = ms([r[key] for r in rows])
+            if variant == "adaptable":
+                dev = f"{ms([r[key] for r in rows])} (all layers) / {ms([r['pruned_' + key] for r in rows])} (pruned)"
+            lines.append(f"| {task} | {variant} | {dev} | {sum(params) / len(params):.0f} "
+                         f"({sum(params) / len(params) / relu:.0%}) |")
     return "\n".join(lines)

@@ -374,3 +374,19 @@ def test_switch_logits_get_their_own_learning_rate():
     assert groups[-1]["initial_lr"] == pytest.approx(5e-2) and groups[0]["initial_lr"] == pytest.approx(1e-3)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in groups for p in g["params"]} == trainable
+
+
+def test_format_comparison_means_over_seeds():
+    from effnlp_ext.adapters.recipe import format_comparison
+
+    rows = []
+    for seed, (a, b, c) in zip((1, 2), ((0.80, 0.78, 0.79), (0.82, 0.80, 0.77))):
+        rows += [{"task": "sst2", "variant": "relu", "seed": seed, "dev_accuracy": a,
+                  "trainable_params": 10, "adapter_params": 100, "train_seconds": 1.0},
+                 {"task": "sst2", "variant": "adaptable", "seed": seed, "dev_accuracy": b,
+                  "pruned_dev_accuracy": c, "trainable_params": 10, "adapter_params": 100,
+                  "layers_kept": [0], "adapter_params_after_prune": 50, "train_seconds": 1.0}]
+    text = format_comparison({"config": {"base": "m", "reduction_factor": 16, "train_size": 8,
+                                         "epochs": 1, "lr": 1e-3, "max_length": 8}, "rows": rows})
+    assert "| sst2 | relu | 81.00 ± 1.41 | 100 (100%) |" in text
+    assert "| sst2 | adaptable | 79.00 ± 1.41 (all layers) / 78.00 ± 1.41 (pruned) | 50 (50%) |" in text
