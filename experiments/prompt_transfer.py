@@ -141,6 +141,9 @@ def main() -> int:
     p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--evals", type=int, default=10, help="evaluations per run (learning curve)")
     p.add_argument("--quick", action="store_true", help="2 tasks, few steps: a smoke run")
+    p.add_argument("--probe-init", choices=["random", "vocab"], default="random",
+                   help="initialisation of the target's probe prompt (transfer by initialisation)")
+    p.add_argument("--skip-cross-model", action="store_true")
     p.add_argument("--render", action="store_true", help="print the tables of --results and exit")
     args = p.parse_args()
     if args.render:
@@ -151,7 +154,11 @@ def main() -> int:
     base = PromptConfig(steps=args.steps, eval_every=max(5, args.steps // args.evals),
                         train_size=args.train_size, eval_size=args.eval_size,
                         max_length=args.max_length)
-    res: dict = {"steps": args.steps, "tasks": args.tasks}
+    # a later run with other transfer options adds its rows to the same results file
+    res: dict = json.loads(args.results.read_text()) if args.results.exists() else {}
+    if res.get("steps") not in (None, args.steps) or res.get("tasks") not in (None, args.tasks):
+        res = {}
+    res.update(steps=args.steps, tasks=args.tasks)
     save = lambda: (args.results.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
                     args.results.write_text(json.dumps(res, indent=2)))
 
@@ -190,19 +197,18 @@ def main() -> int:
     save()
 
     # 4. transfer by initialisation, against a random-init prompt tuned for as many steps
-    curves, speed = {}, {}
+    curves, speed = {}, res.get("transfer_init", {})
     for t in args.targets:
         cfg = replace(base, task=t)
         rnd = train_prompt(replace(cfg, init="random"), args.data_dir,
                            args.out / "init" / f"{t}-random")
+        key = t if args.probe_init == "random" else f"{t} (vocab probe)"
         tr = transfer_init(cfg, {k: (lib[k], heads[k]) for k in lib}, args.data_dir,
-                           args.out / "init" / t, probe_steps=args.probe_steps, frozen=frozen)
+                           args.out / "init" / (t if args.probe_init == "random" else f"{t}-vocab-probe"),
+                           probe_steps=args.probe_steps, probe_init=args.probe_init, frozen=frozen)
         target = rnd["curve"][-1]["accuracy"]
         reach = steps_to_reach(tr["curve"], target)
-        curves[t] = {"random init": rnd["curve"],
-                     f"from {tr['source']} (ON{', with its head' if tr['head_transferred'] else ''})":
-                     tr["curve"]}
-        speed[t] = {"source": tr["source"], "on_scores": tr["on_scores"],
+        speed[key] = {"source": tr["source"], "probe_init": args.probe_init, "on_scores": tr["on_scores"],
                     "head_transferred": tr["head_transferred"], "random_final": target,
                     "random_best": rnd["best"], "transfer_final": tr["curve"][-1]["accuracy"],
                     "transfer_best": tr["best"], "steps_to_random_final": reach,
@@ -212,11 +218,20 @@ def main() -> int:
                     "curves": {"random": rnd["curve"], "transfer": tr["curve"]}}
         res["transfer_init"] = speed
         save()
+    for key, r in speed.items():       # every target run so far, this one's options or not
+        t = key.split(" ")[0]
+        curves.setdefault(t, {"random init": r["curves"]["random"]})
+        probe = "" if r.get("probe_init", "random") == "random" else ", vocab probe"
+        curves[t][f"from {r['source']} (ON{probe}{', with its head' if r['head_transferred'] else ''})"] = \
+            r["curves"]["transfer"]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     png = args.results.with_suffix(".png")
     plot_curves(curves, png)
     res["curves_png"] = str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png)
 
+    if args.skip_cross_model:
+        save()
+        return 0
     # 5. cross-model projector: 3-layer MiniLM -> MiniLM-L6
     small = replace(base, num_layers=3)
     src = {}

@@ -147,11 +147,12 @@ def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | No
 
 
 def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dict]], data_dir,
-                  out, *, probe_steps: int = 30, frozen=None) -> dict:
+                  out, *, probe_steps: int = 30, probe_init: str = "random", frozen=None) -> dict:
     """Transfer by initialisation for the target ``config.task``.
 
-    1. probe: ``probe_steps`` of tuning a random-init prompt on the target (the probe says what
-       the target makes the model do; its cost counts toward the transfer's);
+    1. probe: ``probe_steps`` of tuning a prompt on the target (``probe_init``: "random", or
+       "vocab" like a library's prompts, from a sample of its own); the probe says what the
+       target makes the model do, and its cost counts toward the transfer's;
     2. the library prompt most similar to the probe by ON (the target's own prompt excluded);
     3. tuning from that prompt for ``config.steps``, with the source's head when its label count
        equals the target's (else a fresh head).
@@ -164,7 +165,9 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
                          f"{config.n_tokens} tokens (ON compares position by position), got {lengths}")
     if frozen is None:
         frozen, _ = load_frozen(config)
-    probe = train_prompt(replace(config, steps=probe_steps, init="random",
+    # a vocab probe draws its own sample (the library's tasks use seed + 1, + 2, ...)
+    probe = train_prompt(replace(config, steps=probe_steps, init=probe_init,
+                                 init_seed=None if probe_init == "random" else config.seed + 1000,
                                  eval_every=max(1, probe_steps)), data_dir, out / "probe")
     source, scores = most_similar(SoftPrompt.load(Path(probe["prompt"]))[0],
                                   {k: p for k, (p, _) in library.items()}, frozen,
@@ -175,7 +178,7 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
     run = train_prompt(config, data_dir, out / f"from-{source}", prompt=prompt,
                        head=head if use_head else None)
     return {"source": source, "on_scores": scores, "head_transferred": use_head,
-            "probe_steps": probe_steps, **run}
+            "probe_steps": probe_steps, "probe_init": probe_init, **run}
 
 
 def steps_to_reach(curve: list[dict], target: float) -> int | None:
