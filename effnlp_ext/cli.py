@@ -281,7 +281,8 @@ def tamt(args) -> int:
     from .tamt.sweep import format_sweep, run_sweep
 
     summary = run_sweep(args.out, args.data_dir, args.sparsities, scope=args.scope,
-                        mask_train_size=args.mask_train_size, finetune_size=args.finetune_size,
+                        mask_train_size=args.mask_train_size, mask_epochs=args.mask_epochs,
+                        mask_lr=args.mask_lr, finetune_size=args.finetune_size,
                         finetune_epochs=args.finetune_epochs)
     print(format_sweep(summary))
     return 0
@@ -481,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     tw.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     tw.add_argument("--scope", choices=["layer", "global"], default="layer")
     tw.add_argument("--mask-train-size", type=int, default=6000)
+    tw.add_argument("--mask-epochs", type=float, default=1.0)
+    tw.add_argument("--mask-lr", type=float, default=2e-4, help="learning rate of the scores")
     tw.add_argument("--finetune-size", type=int, default=8000)
     tw.add_argument("--finetune-epochs", type=float, default=1.0)
     tw.add_argument("--data-dir", type=Path, default=_default_data_dir())

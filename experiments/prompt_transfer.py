@@ -6,7 +6,8 @@ transfer by initialisation, and a cross-model projector.
 
 1. library: one prompt (20 tokens, vocab init, a different vocabulary sample per task) + head
    per task, on the frozen MiniLM-L6;
-2. similarity matrix across the library (cosine, per-token cosine, ON);
+2. similarity matrix across the library (cosine, per-token cosine, ON at the prompt positions,
+   ON at [CLS]);
 3. zero-shot transfer: task A's prompt with task B's head on B's dev sample (tasks with the
    same number of labels), and its Spearman correlation with each similarity;
 4. transfer by initialisation: for each target, probe (a short random-init run), pick the
@@ -68,10 +69,13 @@ def render(res: dict) -> str:
         metric = "MCC" if get_task(t).metrics[0] != "accuracy" else "acc"
         lines.append(f"| {t} | {metric} | {100 * lib['curve'][0]['accuracy']:.1f} | "
                      f"{100 * lib['best']:.1f} | {100 * lib['final']:.1f} |")
-    on = res["similarity"]["on"]
-    lines += ["", "ON similarity (activated-neuron overlap):", "",
-              "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
-    lines += [f"| {a} | " + " | ".join(f"{on[a][b]:.3f}" for b in tasks) + " |" for a in tasks]
+    for metric, title in (("on", "at the prompt positions"), ("on_cls", "at [CLS]")):
+        if metric not in res["similarity"]:
+            continue
+        on = res["similarity"][metric]
+        lines += ["", f"ON similarity (activated-neuron overlap) {title}:", "",
+                  "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        lines += [f"| {a} | " + " | ".join(f"{on[a][b]:.3f}" for b in tasks) + " |" for a in tasks]
     zs = res.get("zero_shot", {})
     cols = sorted({b for row in zs.values() for b in row})
     lines += ["", "Zero-shot transfer (row prompt with the column task's own head; column's metric):", "",
@@ -143,6 +147,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="2 tasks, few steps: a smoke run")
     p.add_argument("--probe-init", choices=["random", "vocab"], default="random",
                    help="initialisation of the target's probe prompt (transfer by initialisation)")
+    p.add_argument("--on-positions", choices=["prompt", "cls"], default="prompt",
+                   help="activations ON compares to pick the source (see prompts.similarity)")
     p.add_argument("--skip-cross-model", action="store_true")
     p.add_argument("--render", action="store_true", help="print the tables of --results and exit")
     args = p.parse_args()
@@ -202,13 +208,19 @@ def main() -> int:
         cfg = replace(base, task=t)
         rnd = train_prompt(replace(cfg, init="random"), args.data_dir,
                            args.out / "init" / f"{t}-random")
-        key = t if args.probe_init == "random" else f"{t} (vocab probe)"
+        tags = ([] if args.probe_init == "random" else ["vocab probe"]) + \
+            ([] if args.on_positions == "prompt" else ["ON at [CLS]"])
+        key = t + (f" ({', '.join(tags)})" if tags else "")
+        folder = "-".join([t] + [x.replace(" ", "-").replace("[", "").replace("]", "").lower()
+                                 for x in tags])
         tr = transfer_init(cfg, {k: (lib[k], heads[k]) for k in lib}, args.data_dir,
-                           args.out / "init" / (t if args.probe_init == "random" else f"{t}-vocab-probe"),
-                           probe_steps=args.probe_steps, probe_init=args.probe_init, frozen=frozen)
+                           args.out / "init" / folder, probe_steps=args.probe_steps,
+                           probe_init=args.probe_init, on_positions=args.on_positions,
+                           frozen=frozen)
         target = rnd["curve"][-1]["accuracy"]
         reach = steps_to_reach(tr["curve"], target)
-        speed[key] = {"source": tr["source"], "probe_init": args.probe_init, "on_scores": tr["on_scores"],
+        speed[key] = {"source": tr["source"], "probe_init": args.probe_init,
+                      "on_positions": args.on_positions, "on_scores": tr["on_scores"],
                     "head_transferred": tr["head_transferred"], "random_final": target,
                     "random_best": rnd["best"], "transfer_final": tr["curve"][-1]["accuracy"],
                     "transfer_best": tr["best"], "steps_to_random_final": reach,
@@ -222,8 +234,9 @@ def main() -> int:
         t = key.split(" ")[0]
         curves.setdefault(t, {"random init": r["curves"]["random"]})
         probe = "" if r.get("probe_init", "random") == "random" else ", vocab probe"
-        curves[t][f"from {r['source']} (ON{probe}{', with its head' if r['head_transferred'] else ''})"] = \
-            r["curves"]["transfer"]
+        at = " at [CLS]" if r.get("on_positions", "prompt") == "cls" else ""
+        head = ", with its head" if r["head_transferred"] else ""
+        curves[t][f"from {r['source']} (ON{at}{probe}{head})"] = r["curves"]["transfer"]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     png = args.results.with_suffix(".png")
     plot_curves(curves, png)

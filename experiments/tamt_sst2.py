@@ -25,13 +25,15 @@ def main() -> int:
     p.add_argument("--data-dir", type=Path, default=_default_data_dir())
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--mask-train-size", type=int, default=6000)
+    p.add_argument("--mask-epochs", type=float, default=1.0)
+    p.add_argument("--mask-lr", type=float, default=2e-4, help="learning rate of the scores")
     p.add_argument("--finetune-size", type=int, default=8000)
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--scope", choices=["layer", "global"], default="layer",
                    help="top-k per matrix (every matrix at the target sparsity) or over all")
     args = p.parse_args()
     summary = run_sweep(args.out, args.data_dir, args.sparsities, mask_train_size=args.mask_train_size,
-                        finetune_size=args.finetune_size, finetune_epochs=args.finetune_epochs,
+                        mask_epochs=args.mask_epochs, mask_lr=args.mask_lr, finetune_size=args.finetune_size, finetune_epochs=args.finetune_epochs,
                         scope=args.scope)
     print(format_sweep(summary))
     return 0

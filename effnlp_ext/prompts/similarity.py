@@ -6,6 +6,14 @@ nonlinearity at the prompt positions (active = > 0), and compare two prompts by 
 those binary vectors, layer by layer, averaged over layers. It reflects what the prompts make
 the model do rather than where they sit in embedding space, and it tracks transferability
 better than embedding cosines in the paper.
+
+``positions`` picks the activations compared: ``"prompt"`` (the paper's: every prompt position,
+flattened, so the i-th virtual token of one prompt meets the i-th of the other; prompts of the
+same length only) or ``"cls"`` (the [CLS] position alone, which attends to the whole prompt and
+is what a classification head reads: it barely depends on the order of the virtual tokens,
+which is arbitrary (only their position embeddings change), and it is defined for prompts of
+any length). The metric names are ``"on"`` and
+``"on_cls"``.
 """
 from __future__ import annotations
 
@@ -46,10 +54,17 @@ def _ffn_modules(model: nn.Module) -> list[nn.Module]:
     return mods
 
 
+POSITIONS = ("prompt", "cls")
+
+
 @torch.no_grad()
 def activated_neurons(model: nn.Module, prompt: SoftPrompt, cls_id: int = 101,
-                      sep_id: int = 102) -> torch.Tensor:
-    """Binary FFN activations ``[layers, n_tokens * intermediate]`` of the prompt alone."""
+                      sep_id: int = 102, positions: str = "prompt") -> torch.Tensor:
+    """Binary FFN activations of the prompt alone: ``[layers, n_tokens * intermediate]`` at the
+    prompt positions, or ``[layers, intermediate]`` at [CLS] (``positions="cls"``)."""
+    if positions not in POSITIONS:
+        raise ValueError(f"activated_neurons: positions must be one of {POSITIONS}, "
+                         f"got {positions!r}")
     base = getattr(model, "base_model", model)
     acts: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: acts.append(out.detach()))
@@ -66,8 +81,8 @@ def activated_neurons(model: nn.Module, prompt: SoftPrompt, cls_id: int = 101,
     finally:
         for h in hooks:
             h.remove()
-    n = prompt.n_tokens
-    return torch.stack([(a[0, 1:1 + n] > 0).flatten().float() for a in acts])
+    lo, hi = (1, 1 + prompt.n_tokens) if positions == "prompt" else (0, 1)
+    return torch.stack([(a[0, lo:hi] > 0).flatten().float() for a in acts])
 
 
 def on_similarity(acts_a: torch.Tensor, acts_b: torch.Tensor, per_layer: bool = False):
@@ -81,10 +96,11 @@ def on_similarity(acts_a: torch.Tensor, acts_b: torch.Tensor, per_layer: bool = 
 
 
 def similarity_matrix(prompts: Mapping[str, SoftPrompt], model: nn.Module | None = None,
-                      metrics: Sequence[str] = ("cosine", "token_cosine", "on")) -> dict:
+                      metrics: Sequence[str] = ("cosine", "token_cosine", "on", "on_cls")) -> dict:
     """``{metric: {a: {b: value}}}`` over every pair of a prompt library (ON needs ``model``)."""
     names = list(prompts)
-    acts = {k: activated_neurons(model, p) for k, p in prompts.items()} if "on" in metrics else {}
+    acts = {pos: {k: activated_neurons(model, p, positions=pos) for k, p in prompts.items()}
+            for pos, metric in (("prompt", "on"), ("cls", "on_cls")) if metric in metrics}
     out: dict = {}
     for metric in metrics:
         table = {}
@@ -95,8 +111,9 @@ def similarity_matrix(prompts: Mapping[str, SoftPrompt], model: nn.Module | None
                     row[b] = cosine(prompts[a], prompts[b])
                 elif metric == "token_cosine":
                     row[b] = token_cosine(prompts[a], prompts[b])
-                elif metric == "on":
-                    row[b] = on_similarity(acts[a], acts[b])
+                elif metric in ("on", "on_cls"):
+                    pos = acts["prompt" if metric == "on" else "cls"]
+                    row[b] = on_similarity(pos[a], pos[b])
                 else:
                     raise ValueError(f"unknown similarity metric {metric!r}")
             table[a] = row
@@ -105,11 +122,11 @@ def similarity_matrix(prompts: Mapping[str, SoftPrompt], model: nn.Module | None
 
 
 def most_similar(target: SoftPrompt, library: Mapping[str, SoftPrompt], model: nn.Module,
-                 exclude: Sequence[str] = ()) -> tuple[str, dict]:
+                 exclude: Sequence[str] = (), positions: str = "prompt") -> tuple[str, dict]:
     """The library prompt whose ON similarity to ``target`` is highest, and all the scores."""
-    t = activated_neurons(model, target)
-    scores = {k: on_similarity(t, activated_neurons(model, p)) for k, p in library.items()
-              if k not in set(exclude)}
+    t = activated_neurons(model, target, positions=positions)
+    scores = {k: on_similarity(t, activated_neurons(model, p, positions=positions))
+              for k, p in library.items() if k not in set(exclude)}
     if not scores:
         raise ValueError("most_similar: the library has no candidate prompt")
     return max(scores, key=scores.get), scores

@@ -147,20 +147,22 @@ def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | No
 
 
 def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dict]], data_dir,
-                  out, *, probe_steps: int = 30, probe_init: str = "random", frozen=None) -> dict:
+                  out, *, probe_steps: int = 30, probe_init: str = "random",
+                  on_positions: str = "prompt", frozen=None) -> dict:
     """Transfer by initialisation for the target ``config.task``.
 
     1. probe: ``probe_steps`` of tuning a prompt on the target (``probe_init``: "random", or
        "vocab" like a library's prompts, from a sample of its own); the probe says what the
        target makes the model do, and its cost counts toward the transfer's;
-    2. the library prompt most similar to the probe by ON (the target's own prompt excluded);
+    2. the library prompt most similar to the probe by ON (the target's own prompt excluded;
+       ``on_positions``: the activations ON compares, see ``similarity``);
     3. tuning from that prompt for ``config.steps``, with the source's head when its label count
        equals the target's (else a fresh head).
     ``library``: ``{task: (prompt, head_state)}``. Returns the source, the ON scores, whether
     the head was transferred and the run's results (``curve``)."""
     out = Path(out)
     lengths = {k: p.n_tokens for k, (p, _) in library.items()}
-    if any(n != config.n_tokens for n in lengths.values()):
+    if on_positions == "prompt" and any(n != config.n_tokens for n in lengths.values()):
         raise ValueError(f"transfer_init: the library's prompts must have config.n_tokens = "
                          f"{config.n_tokens} tokens (ON compares position by position), got {lengths}")
     if frozen is None:
@@ -171,14 +173,15 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
                                  eval_every=max(1, probe_steps)), data_dir, out / "probe")
     source, scores = most_similar(SoftPrompt.load(Path(probe["prompt"]))[0],
                                   {k: p for k, (p, _) in library.items()}, frozen,
-                                  exclude=[config.task])
+                                  exclude=[config.task], positions=on_positions)
     prompt, head = library[source]
     n_out = head["weight"].shape[0] if "weight" in head else None
     use_head = n_out == get_task(config.task).num_labels
     run = train_prompt(config, data_dir, out / f"from-{source}", prompt=prompt,
                        head=head if use_head else None)
     return {"source": source, "on_scores": scores, "head_transferred": use_head,
-            "probe_steps": probe_steps, "probe_init": probe_init, **run}
+            "probe_steps": probe_steps, "probe_init": probe_init, "on_positions": on_positions,
+            **run}
 
 
 def steps_to_reach(curve: list[dict], target: float) -> int | None:

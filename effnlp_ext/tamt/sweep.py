@@ -65,7 +65,8 @@ def format_sweep(summary: dict) -> str:
     c = summary["config"]
     lines = [f"SST-2 dev accuracy (872 sentences); fine-tuned on {c['finetune_size']} train sentences "
              f"x {c['finetune_epochs']} epoch(s), lr {c['finetune_lr']}, max_length {c['max_length']}; "
-             f"TAMT masks trained with KD on {c['mask_train_size']} unlabeled train sentences",
+             f"TAMT masks trained with KD on {c['mask_train_size']} unlabeled train sentences "
+             f"x {c['mask_epochs']} epoch(s), scores' lr {c['mask_lr']}",
              "", f"dense fine-tuned (same recipe): {100 * summary['dense']:.2f}", "",
              "| sparsity | OMP | TAMT (KD) | Jaccard OMP-TAMT | exported = masked |",
              "|---|---|---|---|---|"]

@@ -78,7 +78,7 @@ def test_similarities():
     assert len(on_similarity(acts, acts, per_layer=True)) == LAYERS
     lib = {"a": a, "b": b, "c": SoftPrompt.random(4, H, seed=3)}
     mat = similarity_matrix(lib, model)
-    for metric in ("cosine", "token_cosine", "on"):
+    for metric in ("cosine", "token_cosine", "on", "on_cls"):
         for x in lib:
             assert mat[metric][x][x] == pytest.approx(1.0)
             for y in lib:
@@ -90,6 +90,50 @@ def test_similarities():
         cosine(a, SoftPrompt.random(5, H))
     with pytest.raises(ValueError, match="different lengths"):
         on_similarity(activated_neurons(model, a), activated_neurons(model, SoftPrompt.random(5, H)))
+    with pytest.raises(ValueError, match="positions must be one of"):
+        activated_neurons(model, a, positions="mean")
+
+
+def test_on_at_cls_ignores_token_order_and_length():
+    model = _model()
+    a = SoftPrompt.random(4, H, seed=1)
+    cls = activated_neurons(model, a, positions="cls")
+    assert cls.shape == (LAYERS, I) and set(cls.unique().tolist()) <= {0.0, 1.0}
+    # the [CLS] pattern of a prompt is the FFN input at position 0 of the model's own layers
+    acts = []
+    hooks = [layer.intermediate.register_forward_hook(lambda m, i, o: acts.append(o))
+             for layer in model.base_model.encoder.layer]
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([[101, 102]])
+            emb = model.base_model.get_input_embeddings()(ids)
+            x = torch.cat([emb[:, :1], a.weight[None], emb[:, 1:]], 1)
+            model.base_model(inputs_embeds=x, token_type_ids=torch.zeros(1, 6, dtype=torch.long))
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(cls, torch.stack([(o[0, 0] > 0).float() for o in acts]))
+    # virtual tokens in another order (only their position embeddings change): [CLS] still sees
+    # nearly the same prompt, the position-matched ON a different one. A model whose attention
+    # mixes tokens (initializer_range 0.2) and unit-scale prompts make the patterns differ.
+    torch.manual_seed(0)
+    mixer = BertForSequenceClassification(BertConfig(
+        vocab_size=1200, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4,
+        intermediate_size=I, initializer_range=0.2, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).eval()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = SoftPrompt(4, H, torch.randn(4, H, generator=g))
+        y = SoftPrompt(4, H, torch.randn(4, H, generator=g))
+        perm = SoftPrompt(4, H, x.weight[[2, 0, 3, 1]].clone())
+        on = lambda p, q, pos: on_similarity(activated_neurons(mixer, p, positions=pos),  # noqa: E731
+                                             activated_neurons(mixer, q, positions=pos))
+        assert on(x, perm, "cls") > max(on(x, y, "cls"), on(x, perm, "prompt")) + 0.05
+    # prompts of different lengths compare at [CLS]
+    longer = SoftPrompt.random(7, H, seed=5)
+    assert 0.0 <= on_similarity(cls, activated_neurons(model, longer, positions="cls")) <= 1.0
+    lib = {"x": x, "y": y, "longer": SoftPrompt(7, H, torch.randn(7, H, generator=g))}
+    assert most_similar(perm, lib, mixer, positions="cls")[0] == "x"
 
 
 def test_projector_drives_target_and_trains_only_itself():
