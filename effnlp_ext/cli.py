@@ -201,12 +201,16 @@ def prompts(args) -> int:
             prompt, meta = SoftPrompt.load(p)
             library[meta["task"]] = (prompt, torch.load(Path(p) / "head.pt"))
         lengths = {p.n_tokens for p, _ in library.values()}
-        if len(lengths) != 1:
-            raise SystemExit(f"prompts transfer: the library's prompts have different lengths {lengths}")
-        cfg = PromptConfig(task=args.task, n_tokens=lengths.pop(), steps=args.steps, lr=args.lr,
+        if len(lengths) != 1 and args.on_positions == "prompt":
+            raise SystemExit(f"prompts transfer: the library's prompts have different lengths "
+                             f"{lengths}; ON at the prompt positions compares them position by "
+                             f"position (--on-positions cls compares prompts of any length)")
+        n_tokens = args.n_tokens or (lengths.pop() if len(lengths) == 1 else 20)
+        cfg = PromptConfig(task=args.task, n_tokens=n_tokens, steps=args.steps, lr=args.lr,
                            train_size=args.train_size or None)
         res = transfer_init(cfg, library, args.data_dir, args.out or Path("runs") / f"transfer-{args.task}",
-                            probe_steps=args.probe_steps)
+                            probe_steps=args.probe_steps, probe_init=args.probe_init,
+                            on_positions=args.on_positions)
         print(json.dumps({k: res[k] for k in ("source", "on_scores", "head_transferred", "best",
                                               "curve", "prompt")}, indent=2))
         return 0
@@ -443,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="folders written by `prompts train` (…/prompt, with head.pt)")
     pf.add_argument("--steps", type=int, default=300)
     pf.add_argument("--probe-steps", type=int, default=20)
+    pf.add_argument("--probe-init", choices=["random", "vocab"], default="random")
+    pf.add_argument("--on-positions", choices=["prompt", "cls"], default="prompt",
+                    help="activations ON compares: every prompt position, or [CLS] only")
+    pf.add_argument("--n-tokens", type=int, default=None,
+                    help="probe length (default: the library's prompt length)")
     pf.add_argument("--lr", type=float, default=3e-2)
     pf.add_argument("--train-size", type=int, default=8000)
     pf.add_argument("--data-dir", type=Path, default=_default_data_dir())

@@ -209,6 +209,15 @@ def test_train_prompt_learns_a_toy_task(tmp_path):
     assert json.loads((tmp_path / "cli" / "from-imdb" / "results.json").read_text())["curve"]
     with pytest.raises(ValueError, match="n_tokens"):
         transfer_init(replace(cfg, n_tokens=5), library, data, tmp_path / "bad")
+    # ON at [CLS] compares prompts of any length: a 5-token probe against the 4-token library
+    tr5 = transfer_init(replace(cfg, n_tokens=5, steps=1, eval_every=1), library, data,
+                        tmp_path / "cls", probe_steps=1, on_positions="cls")
+    assert tr5["on_positions"] == "cls" and set(tr5["on_scores"]) == {"imdb", "rte"}
+    assert main(["prompts", "transfer", "--task", "sst2", "--library", str(tmp_path / "lib" / "imdb"),
+                 "--steps", "1", "--probe-steps", "1", "--train-size", "16", "--data-dir", str(data),
+                 "--on-positions", "cls", "--probe-init", "vocab", "--n-tokens", "5",
+                 "--out", str(tmp_path / "cli-cls")]) == 0
+    assert (tmp_path / "cli-cls" / "from-imdb" / "results.json").exists()
 
 
 def test_initial_prompt_seed():
