@@ -88,7 +88,7 @@ def render(res: dict) -> str:
         lines += ["", "Spearman correlation with relative zero-shot performance: " +
                   ", ".join(f"{m} {v:+.2f}" for m, v in res["zero_shot_correlation"].items())]
     steps = res["steps"]
-    lines += ["", "| target | source (ON) | head transferred | random-init final | transfer step 0 | "
+    lines += ["", "| target | source | head transferred | random-init final | transfer step 0 | "
               "transfer final | steps to random's final | incl. probe, fraction of " + str(steps) + " |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
     for t, r in res.get("transfer_init", {}).items():
@@ -149,6 +149,9 @@ def main() -> int:
                    help="initialisation of the target's probe prompt (transfer by initialisation)")
     p.add_argument("--on-positions", choices=["prompt", "cls"], default="prompt",
                    help="activations ON compares to pick the source (see prompts.similarity)")
+    p.add_argument("--sources", nargs="+", default=[], metavar="TARGET=SOURCE",
+                   help="start these targets from a source chosen by hand (no probe, no ON): "
+                        "what ON's choice is compared with")
     p.add_argument("--skip-cross-model", action="store_true")
     p.add_argument("--render", action="store_true", help="print the tables of --results and exit")
     args = p.parse_args()
@@ -208,15 +211,17 @@ def main() -> int:
         cfg = replace(base, task=t)
         rnd = train_prompt(replace(cfg, init="random"), args.data_dir,
                            args.out / "init" / f"{t}-random")
-        tags = ([] if args.probe_init == "random" else ["vocab probe"]) + \
-            ([] if args.on_positions == "prompt" else ["ON at [CLS]"])
+        forced = dict(x.split("=", 1) for x in args.sources).get(t)
+        tags = ([f"from {forced}, by hand"] if forced else
+                ([] if args.probe_init == "random" else ["vocab probe"]) +
+                ([] if args.on_positions == "prompt" else ["ON at [CLS]"]))
         key = t + (f" ({', '.join(tags)})" if tags else "")
-        folder = "-".join([t] + [x.replace(" ", "-").replace("[", "").replace("]", "").lower()
-                                 for x in tags])
+        folder = "-".join([t] + [x.replace(" ", "-").replace("[", "").replace("]", "")
+                                 .replace(",", "").lower() for x in tags])
         tr = transfer_init(cfg, {k: (lib[k], heads[k]) for k in lib}, args.data_dir,
                            args.out / "init" / folder, probe_steps=args.probe_steps,
                            probe_init=args.probe_init, on_positions=args.on_positions,
-                           frozen=frozen)
+                           source=forced, frozen=frozen)
         target = rnd["curve"][-1]["accuracy"]
         reach = steps_to_reach(tr["curve"], target)
         speed[key] = {"source": tr["source"], "probe_init": args.probe_init,
@@ -224,9 +229,9 @@ def main() -> int:
                     "head_transferred": tr["head_transferred"], "random_final": target,
                     "random_best": rnd["best"], "transfer_final": tr["curve"][-1]["accuracy"],
                     "transfer_best": tr["best"], "steps_to_random_final": reach,
-                    "probe_steps": args.probe_steps,
+                    "probe_steps": tr["probe_steps"], "chosen_by_hand": forced is not None,
                     "fraction_of_steps": (None if reach is None else
-                                          (reach + args.probe_steps) / args.steps),
+                                          (reach + tr["probe_steps"]) / args.steps),
                     "curves": {"random": rnd["curve"], "transfer": tr["curve"]}}
         res["transfer_init"] = speed
         save()
@@ -235,8 +240,9 @@ def main() -> int:
         curves.setdefault(t, {"random init": r["curves"]["random"]})
         probe = "" if r.get("probe_init", "random") == "random" else ", vocab probe"
         at = " at [CLS]" if r.get("on_positions", "prompt") == "cls" else ""
+        how = "by hand" if r.get("chosen_by_hand") else f"ON{at}{probe}"
         head = ", with its head" if r["head_transferred"] else ""
-        curves[t][f"from {r['source']} (ON{at}{probe}{head})"] = r["curves"]["transfer"]
+        curves[t][f"from {r['source']} ({how}{head})"] = r["curves"]["transfer"]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     png = args.results.with_suffix(".png")
     plot_curves(curves, png)

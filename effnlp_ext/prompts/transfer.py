@@ -148,7 +148,7 @@ def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | No
 
 def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dict]], data_dir,
                   out, *, probe_steps: int = 30, probe_init: str = "random",
-                  on_positions: str = "prompt", frozen=None) -> dict:
+                  on_positions: str = "prompt", source: str | None = None, frozen=None) -> dict:
     """Transfer by initialisation for the target ``config.task``.
 
     1. probe: ``probe_steps`` of tuning a prompt on the target (``probe_init``: "random", or
@@ -158,22 +158,24 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
        ``on_positions``: the activations ON compares, see ``similarity``);
     3. tuning from that prompt for ``config.steps``, with the source's head when its label count
        equals the target's (else a fresh head).
-    ``library``: ``{task: (prompt, head_state)}``. Returns the source, the ON scores, whether
-    the head was transferred and the run's results (``curve``)."""
+    ``library``: ``{task: (prompt, head_state)}``. ``source``: a library task to start from,
+    chosen by hand (no probe, no ON; e.g. an oracle to compare ON's choice with). Returns the
+    source, the ON scores, whether the head was transferred and the run's results (``curve``)."""
     out = Path(out)
-    lengths = {k: p.n_tokens for k, (p, _) in library.items()}
-    if on_positions == "prompt" and any(n != config.n_tokens for n in lengths.values()):
-        raise ValueError(f"transfer_init: the library's prompts must have config.n_tokens = "
-                         f"{config.n_tokens} tokens (ON compares position by position), got {lengths}")
-    if frozen is None:
-        frozen, _ = load_frozen(config)
-    # a vocab probe draws its own sample (the library's tasks use seed + 1, + 2, ...)
-    probe = train_prompt(replace(config, steps=probe_steps, init=probe_init,
-                                 init_seed=None if probe_init == "random" else config.seed + 1000,
-                                 eval_every=max(1, probe_steps)), data_dir, out / "probe")
-    source, scores = most_similar(SoftPrompt.load(Path(probe["prompt"]))[0],
-                                  {k: p for k, (p, _) in library.items()}, frozen,
-                                  exclude=[config.task], positions=on_positions)
+    if source is not None:
+        if source not in library:
+            raise ValueError(f"transfer_init: source {source!r} is not in the library {sorted(library)}")
+        scores, probe_steps = {}, 0
+    else:
+        lengths = {k: p.n_tokens for k, (p, _) in library.items()}
+        if on_positions == "prompt" and any(n != config.n_tokens for n in lengths.values()):
+            raise ValueError(f"transfer_init: the library's prompts must have config.n_tokens = "
+                             f"{config.n_tokens} tokens (ON compares position by position), "
+                             f"got {lengths}")
+        if frozen is None:
+            frozen, _ = load_frozen(config)
+        source, scores = _choose_by_on(config, library, data_dir, out, probe_steps, probe_init,
+                                       on_positions, frozen)
     prompt, head = library[source]
     n_out = head["weight"].shape[0] if "weight" in head else None
     use_head = n_out == get_task(config.task).num_labels
@@ -182,6 +184,18 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
     return {"source": source, "on_scores": scores, "head_transferred": use_head,
             "probe_steps": probe_steps, "probe_init": probe_init, "on_positions": on_positions,
             **run}
+
+
+def _choose_by_on(config, library, data_dir, out, probe_steps, probe_init, on_positions, frozen):
+    """Steps 1-2 of ``transfer_init``: the probe, then the ON-nearest library task and the scores."""
+    # a vocab probe draws its own sample (the library's tasks use seed + 1, + 2, ...)
+    probe = train_prompt(replace(config, steps=probe_steps, init=probe_init,
+                                 init_seed=None if probe_init == "random" else config.seed + 1000,
+                                 eval_every=max(1, probe_steps)), data_dir, out / "probe")
+    source, scores = most_similar(SoftPrompt.load(Path(probe["prompt"]))[0],
+                                  {k: p for k, (p, _) in library.items()}, frozen,
+                                  exclude=[config.task], positions=on_positions)
+    return source, scores
 
 
 def steps_to_reach(curve: list[dict], target: float) -> int | None:

@@ -209,6 +209,13 @@ def test_train_prompt_learns_a_toy_task(tmp_path):
     assert json.loads((tmp_path / "cli" / "from-imdb" / "results.json").read_text())["curve"]
     with pytest.raises(ValueError, match="n_tokens"):
         transfer_init(replace(cfg, n_tokens=5), library, data, tmp_path / "bad")
+    # a source chosen by hand: no probe, no ON
+    hand = transfer_init(replace(cfg, steps=1, eval_every=1), library, data, tmp_path / "hand",
+                         source="rte")
+    assert hand["source"] == "rte" and hand["probe_steps"] == 0 and hand["on_scores"] == {}
+    assert not (tmp_path / "hand" / "probe").exists()
+    with pytest.raises(ValueError, match="not in the library"):
+        transfer_init(cfg, library, data, tmp_path / "bad", source="cola")
     # ON at [CLS] compares prompts of any length: a 5-token probe against the 4-token library
     tr5 = transfer_init(replace(cfg, n_tokens=5, steps=1, eval_every=1), library, data,
                         tmp_path / "cls", probe_steps=1, on_positions="cls")
