@@ -45,6 +45,17 @@ def test_float64_exact_many_blocks_and_threads():
                                torch.nn.functional.linear(x, w), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 4, 5, 8, 9, 16, 17, 31, 32, 33, 63, 64, 65, 100, 129])
+def test_token_counts_around_block_widths(dtype, n):
+    # whole blocks of 8 vectors, then a tail block of 1, 2, 4 or 8 vectors: every width and
+    # both sides of each boundary, for float (8 lanes) and double (4 lanes)
+    w, crow, col, val = _csr(37, 29, 0.3, dtype)
+    x, b = torch.randn(n, 29, dtype=dtype), torch.randn(37, dtype=dtype)
+    torch.testing.assert_close(effnlp_ext.sparse_linear(x, crow, col, val, 29, b),
+                               torch.nn.functional.linear(x, w, b))
+
+
 def test_empty_rows_and_non_contiguous_x():
     w, crow, col, val = _csr(40, 30, 0.2, torch.float64)
     w[3:9] = 0

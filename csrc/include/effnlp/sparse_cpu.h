@@ -2,10 +2,11 @@
 // (its sparse path at high sparsity), and the builders of CSR matrices from a masked weight.
 //
 // sparse_linear_impl: y = x @ W.T + bias with W [out, in] in CSR (int32 indices).
-// Layout: tokens go in blocks of B = 8 vectors (64 floats, 32 doubles). A block of x is
-// transposed once into a thread-local panel xT [in, B] (contiguous rows of B, in L2); each
-// output row o is then sum_p W[o, col_p] * xT[col_p, :], eight register accumulators fed
-// by one broadcast value and eight contiguous loads per nonzero. So every nonzero costs B
+// Layout: tokens go in blocks of B = 8 vectors (64 floats, 32 doubles; the last tokens in a
+// block of 1, 2 or 4 vectors when they fit). A block of x is transposed once into a thread-local panel
+// xT [in, B] (contiguous rows of B, in L2); each output row o is then
+// sum_p W[o, col_p] * xT[col_p, :], one register accumulator per vector, fed by one
+// broadcast value and one contiguous load per vector and nonzero. So every nonzero costs B
 // FMAs at full vector width with no gather, the ideal for an unstructured mask. Accumulators
 // start at the bias; rows are done in chunks whose results (a [chunk, B] tile) are transposed
 // back into y. Both transposes go through 8x8 register tiles (at::vec::transpose_mxn).
@@ -54,12 +55,14 @@ inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int6
   }
 }
 
-template <typename T>
-inline void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, const T* val,
-                        const T* bias, T* y, int64_t N, int64_t in, int64_t out) {
+// NV vectors of tokens per block (B = NV * V tokens): 8 for whole blocks; the tokens left over
+// (fewer than 8 vectors) go in the narrowest block that holds them, so few lanes compute padding.
+template <typename T, int NV>
+inline void sparse_linear_block(const T* x, const int32_t* crow, const int32_t* col, const T* val,
+                                const T* bias, T* y, int64_t N, int64_t in, int64_t out) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  constexpr int64_t B = 8 * V;
+  constexpr int64_t B = NV * V;
   constexpr int64_t kChunk = 128;
   const int64_t nblocks = (N + B - 1) / B;
   const int64_t nchunks = (out + kChunk - 1) / kChunk;
@@ -84,28 +87,41 @@ inline void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* c
       const int64_t o0 = chunk * kChunk, o1 = std::min<int64_t>(out, o0 + kChunk);
       T* tile = P.tile.data();
       for (int64_t o = o0; o < o1; ++o) {
-        const Vec init(bias ? bias[o] : T(0));
-        Vec a0 = init, a1 = init, a2 = init, a3 = init, a4 = init, a5 = init, a6 = init, a7 = init;
+        Vec a[NV];
+        for (int i = 0; i < NV; ++i) a[i] = Vec(bias ? bias[o] : T(0));
         for (int32_t p = crow[o]; p < crow[o + 1]; ++p) {
           const Vec v(val[p]);
           const T* r = xt + static_cast<int64_t>(col[p]) * B;
-          a0 = at::vec::fmadd(v, Vec::loadu(r), a0);
-          a1 = at::vec::fmadd(v, Vec::loadu(r + V), a1);
-          a2 = at::vec::fmadd(v, Vec::loadu(r + 2 * V), a2);
-          a3 = at::vec::fmadd(v, Vec::loadu(r + 3 * V), a3);
-          a4 = at::vec::fmadd(v, Vec::loadu(r + 4 * V), a4);
-          a5 = at::vec::fmadd(v, Vec::loadu(r + 5 * V), a5);
-          a6 = at::vec::fmadd(v, Vec::loadu(r + 6 * V), a6);
-          a7 = at::vec::fmadd(v, Vec::loadu(r + 7 * V), a7);
+          for (int i = 0; i < NV; ++i) a[i] = at::vec::fmadd(v, Vec::loadu(r + i * V), a[i]);
         }
         T* dst = tile + (o - o0) * B;
-        a0.store(dst); a1.store(dst + V); a2.store(dst + 2 * V); a3.store(dst + 3 * V);
-        a4.store(dst + 4 * V); a5.store(dst + 5 * V); a6.store(dst + 6 * V); a7.store(dst + 7 * V);
+        for (int i = 0; i < NV; ++i) a[i].store(dst + i * V);
       }
       // tile [rows, B] (bias already in) -> y[n0.., o0..] [nb, rows], 8x8 tiles.
       transpose(tile, B, y + n0 * out + o0, out, o1 - o0, nb);
     }
   });
+}
+
+template <typename T>
+inline void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* col, const T* val,
+                               const T* bias, T* y, int64_t N, int64_t in, int64_t out) {
+  constexpr int64_t V = at::vec::Vectorized<T>::size();
+  // whole blocks of 8 vectors, then the remaining tokens in the narrowest block that holds them
+  const int64_t full = N / (8 * V) * (8 * V), rest = N - full;
+  if (full > 0) sparse_linear_block<T, 8>(x, crow, col, val, bias, y, full, in, out);
+  if (rest == 0) return;
+  const T* xr = x + full * in;
+  T* yr = y + full * out;
+  if (rest <= V) {
+    sparse_linear_block<T, 1>(xr, crow, col, val, bias, yr, rest, in, out);
+  } else if (rest <= 2 * V) {
+    sparse_linear_block<T, 2>(xr, crow, col, val, bias, yr, rest, in, out);
+  } else if (rest <= 4 * V) {
+    sparse_linear_block<T, 4>(xr, crow, col, val, bias, yr, rest, in, out);
+  } else {
+    sparse_linear_block<T, 8>(xr, crow, col, val, bias, yr, rest, in, out);
+  }
 }
 
 // CSR of a masked matrix M = W * 1[S > t] (W, S: [rows, cols], contiguous), or of its
