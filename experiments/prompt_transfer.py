@@ -108,6 +108,26 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def transfer_curves(speed: dict) -> dict:
+    """``{target: {label: curve}}`` of every transfer row so far, whatever its run's options.
+    Rows of one run share its random-init baseline; a baseline from an earlier run (other
+    numerics) is drawn too, labelled as such, so each transfer curve has its own reference."""
+    curves: dict = {}
+    latest = {key.split(" ")[0]: r["curves"]["random"] for key, r in speed.items()}
+    for t, rnd in latest.items():
+        curves[t] = {"random init": rnd}
+    for key, r in speed.items():
+        t = key.split(" ")[0]
+        if r["curves"]["random"] != latest[t]:
+            curves[t]["random init, earlier run (first rows)"] = r["curves"]["random"]
+        probe = "" if r.get("probe_init", "random") == "random" else ", vocab probe"
+        at = " at [CLS]" if r.get("on_positions", "prompt") == "cls" else ""
+        how = "by hand" if r.get("chosen_by_hand") else f"ON{at}{probe}"
+        head = ", with its head" if r["head_transferred"] else ""
+        curves[t][f"from {r['source']} ({how}{head})"] = r["curves"]["transfer"]
+    return curves
+
+
 def plot_curves(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -118,8 +138,11 @@ def plot_curves(curves: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
     for ax, t in zip(axes[0], targets):
         for label, curve in curves[t].items():
+            style = {}
+            if label.startswith("random init"):   # the baselines: black, an earlier run's dashed
+                style = dict(color="black", linestyle="--" if "earlier" in label else "-")
             ax.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o",
-                    label=label)
+                    label=label, **style)
         ax.set_title(t)
         ax.set_xlabel("steps")
         ax.set_ylabel("dev accuracy (%)")
@@ -153,10 +176,14 @@ def main() -> int:
                    help="start these targets from a source chosen by hand (no probe, no ON): "
                         "what ON's choice is compared with")
     p.add_argument("--skip-cross-model", action="store_true")
-    p.add_argument("--render", action="store_true", help="print the tables of --results and exit")
+    p.add_argument("--render", action="store_true",
+                   help="print the tables of --results, redraw its PNG and exit")
     args = p.parse_args()
     if args.render:
-        print(render(json.loads(args.results.read_text())))
+        res = json.loads(args.results.read_text())
+        print(render(res))
+        if res.get("transfer_init"):
+            plot_curves(transfer_curves(res["transfer_init"]), args.results.with_suffix(".png"))
         return 0
     if args.quick:
         args.tasks, args.targets, args.steps, args.probe_steps = ["sst2", "imdb"], ["imdb"], 10, 5
@@ -206,7 +233,7 @@ def main() -> int:
     save()
 
     # 4. transfer by initialisation, against a random-init prompt tuned for as many steps
-    curves, speed = {}, res.get("transfer_init", {})
+    speed = res.get("transfer_init", {})
     for t in args.targets:
         cfg = replace(base, task=t)
         rnd = train_prompt(replace(cfg, init="random"), args.data_dir,
@@ -235,14 +262,7 @@ def main() -> int:
                     "curves": {"random": rnd["curve"], "transfer": tr["curve"]}}
         res["transfer_init"] = speed
         save()
-    for key, r in speed.items():       # every target run so far, this one's options or not
-        t = key.split(" ")[0]
-        curves.setdefault(t, {"random init": r["curves"]["random"]})
-        probe = "" if r.get("probe_init", "random") == "random" else ", vocab probe"
-        at = " at [CLS]" if r.get("on_positions", "prompt") == "cls" else ""
-        how = "by hand" if r.get("chosen_by_hand") else f"ON{at}{probe}"
-        head = ", with its head" if r["head_transferred"] else ""
-        curves[t][f"from {r['source']} ({how}{head})"] = r["curves"]["transfer"]
+    curves = transfer_curves(speed)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     png = args.results.with_suffix(".png")
     plot_curves(curves, png)
