@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from effnlp_ext.prompts import (PromptConfig, PromptedClassifier, PromptProjecto
                                 similarity_matrix, steps_to_reach, train_prompt,
                                 transfer_init)
 from effnlp_ext.prompts.modules import classifier_head  # noqa: E402
+from effnlp_ext.prompts.similarity import POSITIONS  # noqa: E402
 from effnlp_ext.prompts.transfer import _loaders  # noqa: E402
 from effnlp_ext.training import TrainConfig, Trainer  # noqa: E402
 
@@ -170,7 +172,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="2 tasks, few steps: a smoke run")
     p.add_argument("--probe-init", choices=["random", "vocab"], default="random",
                    help="initialisation of the target's probe prompt (transfer by initialisation)")
-    p.add_argument("--on-positions", choices=["prompt", "cls"], default="prompt",
+    p.add_argument("--on-positions", choices=POSITIONS, default="prompt",
                    help="activations ON compares to pick the source (see prompts.similarity)")
     p.add_argument("--sources", nargs="+", default=[], metavar="TARGET=SOURCE",
                    help="start these targets from a source chosen by hand (no probe, no ON): "
@@ -243,16 +245,16 @@ def main() -> int:
                 ([] if args.probe_init == "random" else ["vocab probe"]) +
                 ([] if args.on_positions == "prompt" else ["ON at [CLS]"]))
         key = t + (f" ({', '.join(tags)})" if tags else "")
-        folder = "-".join([t] + [x.replace(" ", "-").replace("[", "").replace("]", "")
-                                 .replace(",", "").lower() for x in tags])
+        # "imdb (ON at [CLS])" -> imdb-on-at-cls
+        folder = re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
         tr = transfer_init(cfg, {k: (lib[k], heads[k]) for k in lib}, args.data_dir,
                            args.out / "init" / folder, probe_steps=args.probe_steps,
                            probe_init=args.probe_init, on_positions=args.on_positions,
                            source=forced, frozen=frozen)
         target = rnd["curve"][-1]["accuracy"]
         reach = steps_to_reach(tr["curve"], target)
-        speed[key] = {"source": tr["source"], "probe_init": args.probe_init,
-                      "on_positions": args.on_positions, "on_scores": tr["on_scores"],
+        speed[key] = {"source": tr["source"], "probe_init": tr["probe_init"],
+                      "on_positions": tr["on_positions"], "on_scores": tr["on_scores"],
                     "head_transferred": tr["head_transferred"], "random_final": target,
                     "random_best": rnd["best"], "transfer_final": tr["curve"][-1]["accuracy"],
                     "transfer_best": tr["best"], "steps_to_random_final": reach,

@@ -33,7 +33,8 @@ def main() -> int:
                    help="top-k per matrix (every matrix at the target sparsity) or over all")
     args = p.parse_args()
     summary = run_sweep(args.out, args.data_dir, args.sparsities, mask_train_size=args.mask_train_size,
-                        mask_epochs=args.mask_epochs, mask_lr=args.mask_lr, finetune_size=args.finetune_size, finetune_epochs=args.finetune_epochs,
+                        mask_epochs=args.mask_epochs, mask_lr=args.mask_lr,
+                        finetune_size=args.finetune_size, finetune_epochs=args.finetune_epochs,
                         scope=args.scope)
     print(format_sweep(summary))
     return 0

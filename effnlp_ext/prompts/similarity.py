@@ -12,8 +12,7 @@ flattened, so the i-th virtual token of one prompt meets the i-th of the other; 
 same length only) or ``"cls"`` (the [CLS] position alone, which attends to the whole prompt and
 is what a classification head reads: it barely depends on the order of the virtual tokens,
 which is arbitrary (only their position embeddings change), and it is defined for prompts of
-any length). The metric names are ``"on"`` and
-``"on_cls"``.
+any length). The metric names are ``"on"`` and ``"on_cls"`` (``ON_METRICS``).
 """
 from __future__ import annotations
 
@@ -55,6 +54,7 @@ def _ffn_modules(model: nn.Module) -> list[nn.Module]:
 
 
 POSITIONS = ("prompt", "cls")
+ON_METRICS = {"on": "prompt", "on_cls": "cls"}     # metric name -> positions compared
 
 
 @torch.no_grad()
@@ -99,8 +99,8 @@ def similarity_matrix(prompts: Mapping[str, SoftPrompt], model: nn.Module | None
                       metrics: Sequence[str] = ("cosine", "token_cosine", "on", "on_cls")) -> dict:
     """``{metric: {a: {b: value}}}`` over every pair of a prompt library (ON needs ``model``)."""
     names = list(prompts)
-    acts = {pos: {k: activated_neurons(model, p, positions=pos) for k, p in prompts.items()}
-            for pos, metric in (("prompt", "on"), ("cls", "on_cls")) if metric in metrics}
+    acts = {m: {k: activated_neurons(model, p, positions=ON_METRICS[m]) for k, p in prompts.items()}
+            for m in metrics if m in ON_METRICS}
     out: dict = {}
     for metric in metrics:
         table = {}
@@ -111,9 +111,8 @@ def similarity_matrix(prompts: Mapping[str, SoftPrompt], model: nn.Module | None
                     row[b] = cosine(prompts[a], prompts[b])
                 elif metric == "token_cosine":
                     row[b] = token_cosine(prompts[a], prompts[b])
-                elif metric in ("on", "on_cls"):
-                    pos = acts["prompt" if metric == "on" else "cls"]
-                    row[b] = on_similarity(pos[a], pos[b])
+                elif metric in ON_METRICS:
+                    row[b] = on_similarity(acts[metric][a], acts[metric][b])
                 else:
                     raise ValueError(f"unknown similarity metric {metric!r}")
             table[a] = row

@@ -164,7 +164,8 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
     out = Path(out)
     if source is not None:
         if source not in library:
-            raise ValueError(f"transfer_init: source {source!r} is not in the library {sorted(library)}")
+            raise ValueError(f"transfer_init: source {source!r} is not in the library "
+                             f"{sorted(library)}")
         scores, probe_steps = {}, 0
     else:
         lengths = {k: p.n_tokens for k, (p, _) in library.items()}
@@ -187,7 +188,7 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
 
 
 def _choose_by_on(config, library, data_dir, out, probe_steps, probe_init, on_positions, frozen):
-    """Steps 1-2 of ``transfer_init``: the probe, then the ON-nearest library task and the scores."""
+    """Steps 1-2 of ``transfer_init``: the probe, then the ON-nearest library task, its scores."""
     # a vocab probe draws its own sample (the library's tasks use seed + 1, + 2, ...)
     probe = train_prompt(replace(config, steps=probe_steps, init=probe_init,
                                  init_seed=None if probe_init == "random" else config.seed + 1000,

@@ -99,7 +99,7 @@ def test_on_at_cls_ignores_token_order_and_length():
     a = SoftPrompt.random(4, H, seed=1)
     cls = activated_neurons(model, a, positions="cls")
     assert cls.shape == (LAYERS, I) and set(cls.unique().tolist()) <= {0.0, 1.0}
-    # the [CLS] pattern of a prompt is the FFN input at position 0 of the model's own layers
+    # the [CLS] pattern of a prompt is the FFN activation at position 0 of each layer
     acts = []
     hooks = [layer.intermediate.register_forward_hook(lambda m, i, o: acts.append(o))
              for layer in model.base_model.encoder.layer]

@@ -3,8 +3,8 @@
 //
 // sparse_linear_impl: y = x @ W.T + bias with W [out, in] in CSR (int32 indices).
 // Layout: tokens go in blocks of B = 8 vectors (64 floats, 32 doubles; the last tokens in a
-// block of 1, 2 or 4 vectors when they fit). A block of x is transposed once into a thread-local panel
-// xT [in, B] (contiguous rows of B, in L2); each output row o is then
+// block of 1, 2 or 4 vectors when they fit). A block of x is transposed once into a
+// thread-local panel xT [in, B] (contiguous rows of B, in L2); each output row o is then
 // sum_p W[o, col_p] * xT[col_p, :], one register accumulator per vector, fed by one
 // broadcast value and one contiguous load per vector and nonzero. So every nonzero costs B
 // FMAs at full vector width with no gather, the ideal for an unstructured mask. Accumulators
