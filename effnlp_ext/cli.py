@@ -287,7 +287,7 @@ def tamt(args) -> int:
     summary = run_sweep(args.out, args.data_dir, args.sparsities, scope=args.scope,
                         mask_train_size=args.mask_train_size, mask_epochs=args.mask_epochs,
                         mask_lr=args.mask_lr, finetune_size=args.finetune_size,
-                        finetune_epochs=args.finetune_epochs)
+                        finetune_epochs=args.finetune_epochs, seed=args.seed)
     print(format_sweep(summary))
     return 0
 
@@ -495,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     tw.add_argument("--mask-lr", type=float, default=2e-4, help="learning rate of the scores")
     tw.add_argument("--finetune-size", type=int, default=8000)
     tw.add_argument("--finetune-epochs", type=float, default=1.0)
+    tw.add_argument("--seed", type=int, default=42)
     tw.add_argument("--data-dir", type=Path, default=_default_data_dir())
     tw.add_argument("--out", type=Path, default=Path("runs") / "tamt-sst2")
     ad = sub.add_parser("adapters", help="adaptable adapters: rational op bench, adapter tuning")

@@ -76,3 +76,63 @@ def format_sweep(summary: dict) -> str:
         same = all(r.get(k) == r.get(k + "_exported") for k in ("omp", "tamt") if k in r)
         lines.append(f"| {int(r['sparsity'] * 100)}% | {100 * r['omp']:.2f} | {tamt} | {jac} | {same} |")
     return "\n".join(lines)
+
+
+def combine_seeds(summaries: list[dict]) -> dict:
+    """Per sparsity, the dense / OMP / TAMT accuracies of several sweeps (one per seed) with
+    their means and sample standard deviations, and the paired gaps TAMT − dense and TAMT − OMP
+    (each seed's models share its data subsets, so the gaps are compared within a seed).
+    Sweeps must share the recipe (everything in the config but the seed and thread count)."""
+    if not summaries:
+        raise ValueError("combine_seeds: no sweeps given")
+
+    def recipe(s):
+        return {k: v for k, v in s["config"].items() if k not in ("seed", "threads", "sparsity",
+                                                                   "objective")}
+
+    for s in summaries[1:]:
+        if recipe(s) != recipe(summaries[0]):
+            diff = sorted(k for k in recipe(s) if recipe(s)[k] != recipe(summaries[0]).get(k))
+            raise ValueError(f"combine_seeds: the sweeps differ in {diff}, not only in the seed")
+    seeds = [s["config"]["seed"] for s in summaries]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"combine_seeds: repeated seeds {seeds}")
+
+    def stats(xs):
+        t = torch.tensor(xs, dtype=torch.float64)
+        return {"values": xs, "mean": float(t.mean()),
+                "std": float(t.std()) if len(xs) > 1 else 0.0}
+
+    dense = {s["config"]["seed"]: s["dense"] for s in summaries}
+    shared = sorted(set.intersection(*({r["sparsity"] for r in s["rows"] if "tamt" in r}
+                                       for s in summaries)))
+    rows = []
+    for sp in shared:
+        by_seed = {s["config"]["seed"]: next(r for r in s["rows"] if r["sparsity"] == sp)
+                   for s in summaries}
+        omp = [by_seed[k]["omp"] for k in seeds]
+        tamt = [by_seed[k]["tamt"] for k in seeds]
+        rows.append({"sparsity": sp, "omp": stats(omp), "tamt": stats(tamt),
+                     "tamt_minus_dense": stats([t - dense[k] for t, k in zip(tamt, seeds)]),
+                     "tamt_minus_omp": stats([t - o for t, o in zip(tamt, omp)]),
+                     "tamt_ge_omp_seeds": sum(t >= o for t, o in zip(tamt, omp))})
+    return {"seeds": seeds, "config": recipe(summaries[0]),
+            "dense": stats([dense[k] for k in seeds]), "rows": rows}
+
+
+def format_seeds(combined: dict) -> str:
+    """The README table of combine_seeds: mean ± std over seeds, in points."""
+    def pm(st):
+        return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
+
+    n = len(combined["seeds"])
+    lines = [f"SST-2 dev accuracy over {n} seeds {combined['seeds']} (mean ± sample std, points); "
+             f"dense fine-tuned: {pm(combined['dense'])}", "",
+             "| sparsity | OMP | TAMT (KD) | TAMT − dense | TAMT − OMP | seeds with TAMT ≥ OMP |",
+             "|---|---|---|---|---|---|"]
+    for r in combined["rows"]:
+        lines.append(f"| {int(round(r['sparsity'] * 100))}% | {pm(r['omp'])} | {pm(r['tamt'])} | "
+                     f"{100 * r['tamt_minus_dense']['mean']:+.2f} ± {100 * r['tamt_minus_dense']['std']:.2f} | "
+                     f"{100 * r['tamt_minus_omp']['mean']:+.2f} ± {100 * r['tamt_minus_omp']['std']:.2f} | "
+                     f"{r['tamt_ge_omp_seeds']}/{n} |")
+    return "\n".join(lines)

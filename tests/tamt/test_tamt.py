@@ -217,3 +217,39 @@ def test_minilm_mlm_head_is_tied_to_the_embeddings():
     model = BertForMaskedLM.from_pretrained(_minilm_path())
     dec = model.cls.predictions.decoder.weight
     assert dec.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+
+
+def _sweep(seed, dense, rows, **config):
+    cfg = {"seed": seed, "threads": 1, "finetune_epochs": 3.0, "sparsity": 0.7, "objective": "kd"}
+    cfg.update(config)
+    return {"config": cfg, "dense": dense,
+            "rows": [{"sparsity": s, "omp": o, "tamt": t} for s, o, t in rows]}
+
+
+def test_combine_seeds_pairs_gaps_within_a_seed():
+    from effnlp_ext.tamt.sweep import combine_seeds, format_seeds
+    a = _sweep(42, 0.90, [(0.5, 0.85, 0.88), (0.7, 0.80, 0.81), (0.9, 0.70, 0.69)])
+    b = _sweep(43, 0.86, [(0.5, 0.84, 0.85), (0.7, 0.79, 0.78)], threads=2)
+    c = combine_seeds([a, b])
+    assert c["seeds"] == [42, 43]
+    assert [r["sparsity"] for r in c["rows"]] == [0.5, 0.7]   # 90% only in one sweep
+    r50, r70 = c["rows"]
+    assert r50["tamt_minus_dense"]["values"] == pytest.approx([-0.02, -0.01])
+    assert r50["tamt_minus_dense"]["mean"] == pytest.approx(-0.015)
+    assert r50["tamt_minus_dense"]["std"] == pytest.approx(math.sqrt(0.5) * 0.01)
+    assert r70["tamt_minus_omp"]["values"] == pytest.approx([0.01, -0.01])
+    assert r70["tamt_ge_omp_seeds"] == 1
+    assert c["dense"]["mean"] == pytest.approx(0.88)
+    table = format_seeds(c)
+    assert "| 70% | 79.50 ± 0.71 | 79.50 ± 2.12 | -8.50 ± 0.71 | +0.00 ± 1.41 | 1/2 |" in table
+
+
+def test_combine_seeds_rejects_other_recipes_and_repeats():
+    from effnlp_ext.tamt.sweep import combine_seeds
+    a = _sweep(42, 0.9, [(0.5, 0.8, 0.8)])
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        combine_seeds([a, _sweep(43, 0.9, [(0.5, 0.8, 0.8)], finetune_epochs=1.0)])
+    with pytest.raises(ValueError, match="repeated seeds"):
+        combine_seeds([a, _sweep(42, 0.9, [(0.5, 0.8, 0.8)])])
+    with pytest.raises(ValueError, match="no sweeps"):
+        combine_seeds([])
