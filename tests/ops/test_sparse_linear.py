@@ -56,6 +56,37 @@ def test_token_counts_around_block_widths(dtype, n):
                                torch.nn.functional.linear(x, w, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inp", [193, 400, 768])
+def test_column_stripes_unsorted_and_duplicate_columns(dtype, inp):
+    # >= 4 whole token blocks, > 1 stripe of 192 input columns (the last one partial) and >= 8
+    # nonzeros per (row, stripe): the striped loop. Columns within a row shuffled, some repeated
+    # (CSR entries add up), a few rows empty; 300 tokens = whole blocks + a tail.
+    g = torch.Generator().manual_seed(0)
+    out = 45
+    w = torch.randn(out, inp, dtype=dtype, generator=g) * (torch.rand(out, inp, generator=g) < 0.3)
+    w[[3, 17, 44]] = 0
+    cols, vals, crow = [], [], [0]
+    for o in range(out):
+        c = w[o].nonzero().flatten()
+        v = w[o, c]
+        if len(c) > 2:   # split two entries in halves: duplicates that must add up
+            c = torch.cat([c, c[:2]])
+            v = torch.cat([v[:2] / 2, v[2:], v[:2] / 2])
+        perm = torch.randperm(len(c), generator=g)
+        cols.append(c[perm])
+        vals.append(v[perm])
+        crow.append(crow[-1] + len(c))
+    crow = torch.tensor(crow, dtype=torch.int32)
+    col, val = torch.cat(cols).int(), torch.cat(vals)
+    x, b = torch.randn(300, inp, dtype=dtype, generator=g), torch.randn(out, dtype=dtype, generator=g)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(effnlp_ext.sparse_linear(x, crow, col, val, inp, b),
+                               torch.nn.functional.linear(x, w, b), **tol)
+    torch.testing.assert_close(sparse_linear_ref(x, crow, col, val, inp, b),
+                               torch.nn.functional.linear(x, w, b), **tol)
+
+
 def test_empty_rows_and_non_contiguous_x():
     w, crow, col, val = _csr(40, 30, 0.2, torch.float64)
     w[3:9] = 0

@@ -7,9 +7,11 @@
 // thread-local panel xT [in, B] (contiguous rows of B, in L2); each output row o is then
 // sum_p W[o, col_p] * xT[col_p, :], one register accumulator per vector, fed by one
 // broadcast value and one contiguous load per vector and nonzero. So every nonzero costs B
-// FMAs at full vector width with no gather, the ideal for an unstructured mask. Accumulators
-// start at the bias; rows are done in chunks whose results (a [chunk, B] tile) are transposed
-// back into y. Both transposes go through 8x8 register tiles (at::vec::transpose_mxn).
+// FMAs at full vector width with no gather, the ideal for an unstructured mask. With several
+// whole blocks and enough nonzeros, the nonzeros are first split by stripes of 192 input columns
+// (build_stripes) and each chunk of rows walks the panel one stripe at a time, so the rows it
+// reads stay in L1. Accumulators start at the bias; rows are done in chunks whose results (a
+// [chunk, B] tile) are transposed back into y. Both transposes go through 8x8 register tiles (at::vec::transpose_mxn).
 // The work is split over (token block, row chunk) tiles in block-major order, so a thread
 // re-transposes only when its block changes and small batches still use every core.
 #pragma once
@@ -55,11 +57,74 @@ inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int6
   }
 }
 
+// The nonzeros of every row split by stripes of kStripe input columns, stripe-major: stripe s
+// holds a CSR over all rows (ptr[s * (out + 1) + o] .. [.. + o + 1]) with the column as an offset
+// inside the stripe. The product then walks one stripe at a time, so the panel rows it reads
+// (kStripe x 256 B = 48 KB, the L1 of current x86 cores) stay in L1 while every row of a chunk
+// uses them, instead of each nonzero fetching its 256 B row of the whole [in, B] panel from L2.
+// Measured, 4096 tokens, 768 -> 3072, 90%, 1 thread: the loop 1.17-1.23x faster with stripes of
+// 128-192 columns (AVX2; an AVX-512 version of the same loop was slower, the loop is load bound).
+constexpr int64_t kStripe = 192;
+
+template <typename T>
+struct Striped {
+  int64_t ns = 0;
+  std::vector<int32_t> ptr, col;  // ptr: [ns * (out + 1)]; col: the offset in the stripe
+  std::vector<T> val;
+};
+
+// Stripes pay when there are several token blocks to amortise the O(nnz) split over and enough
+// nonzeros per (row, stripe) to amortise the accumulators' reload; else the plain loop runs.
+inline bool want_stripes(int64_t n_blocks, int64_t nnz, int64_t out, int64_t in) {
+  const int64_t ns = (in + kStripe - 1) / kStripe;
+  return ns > 1 && n_blocks >= 4 && nnz >= 8 * out * ns;
+}
+
+template <typename T>
+void build_stripes(const int32_t* crow, const int32_t* col, const T* val, int64_t out, int64_t in,
+                   Striped<T>& st) {
+  const int64_t ns = (in + kStripe - 1) / kStripe, ld = out + 1;
+  st.ns = ns;
+  st.ptr.assign(ns * ld, 0);
+  const int64_t nnz = crow[out];
+  st.col.resize(nnz);
+  st.val.resize(nnz);
+  int32_t* ptr = st.ptr.data();
+  at::parallel_for(0, out, 256, [&](int64_t r0, int64_t r1) {  // counts, in slot [s, o]
+    for (int64_t o = r0; o < r1; ++o) {
+      for (int32_t p = crow[o]; p < crow[o + 1]; ++p) ++ptr[(col[p] / kStripe) * ld + o];
+    }
+  });
+  int64_t total = 0;  // counts -> starts, stripe-major; slot [s, out] = end of stripe s
+  for (int64_t s = 0; s < ns; ++s) {
+    for (int64_t o = 0; o < out; ++o) {
+      const int32_t c = ptr[s * ld + o];
+      ptr[s * ld + o] = static_cast<int32_t>(total);
+      total += c;
+    }
+    ptr[s * ld + out] = static_cast<int32_t>(total);
+  }
+  at::parallel_for(0, out, 256, [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> pos(ns);
+    for (int64_t o = r0; o < r1; ++o) {
+      for (int64_t s = 0; s < ns; ++s) pos[s] = ptr[s * ld + o];
+      for (int32_t p = crow[o]; p < crow[o + 1]; ++p) {
+        const int32_t s = col[p] / kStripe;
+        const int32_t q = pos[s]++;
+        st.col[q] = col[p] - s * static_cast<int32_t>(kStripe);
+        st.val[q] = val[p];
+      }
+    }
+  });
+}
+
 // NV vectors of tokens per block (B = NV * V tokens): 8 for whole blocks; the tokens left over
 // (fewer than 8 vectors) go in the narrowest block that holds them, so few lanes compute padding.
+// `st` (whole blocks only): the nonzeros split by stripes, or null for the plain loop.
 template <typename T, int NV>
 inline void sparse_linear_block(const T* x, const int32_t* crow, const int32_t* col, const T* val,
-                                const T* bias, T* y, int64_t N, int64_t in, int64_t out) {
+                                const T* bias, T* y, int64_t N, int64_t in, int64_t out,
+                                const Striped<T>* st = nullptr) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t B = NV * V;
@@ -86,16 +151,42 @@ inline void sparse_linear_block(const T* x, const int32_t* crow, const int32_t* 
       }
       const int64_t o0 = chunk * kChunk, o1 = std::min<int64_t>(out, o0 + kChunk);
       T* tile = P.tile.data();
-      for (int64_t o = o0; o < o1; ++o) {
-        Vec a[NV];
-        for (int i = 0; i < NV; ++i) a[i] = Vec(bias ? bias[o] : T(0));
-        for (int32_t p = crow[o]; p < crow[o + 1]; ++p) {
-          const Vec v(val[p]);
-          const T* r = xt + static_cast<int64_t>(col[p]) * B;
-          for (int i = 0; i < NV; ++i) a[i] = at::vec::fmadd(v, Vec::loadu(r + i * V), a[i]);
+      if (st == nullptr) {
+        for (int64_t o = o0; o < o1; ++o) {
+          Vec a[NV];
+          for (int i = 0; i < NV; ++i) a[i] = Vec(bias ? bias[o] : T(0));
+          for (int32_t p = crow[o]; p < crow[o + 1]; ++p) {
+            const Vec v(val[p]);
+            const T* r = xt + static_cast<int64_t>(col[p]) * B;
+            for (int i = 0; i < NV; ++i) a[i] = at::vec::fmadd(v, Vec::loadu(r + i * V), a[i]);
+          }
+          T* dst = tile + (o - o0) * B;
+          for (int i = 0; i < NV; ++i) a[i].store(dst + i * V);
         }
-        T* dst = tile + (o - o0) * B;
-        for (int i = 0; i < NV; ++i) a[i].store(dst + i * V);
+      } else {
+        // One stripe of the panel at a time; the rows' accumulators go through the tile (L1).
+        const int64_t ld = out + 1;
+        for (int64_t s = 0; s < st->ns; ++s) {
+          const T* xs = xt + s * kStripe * B;
+          const int32_t* ptr = st->ptr.data() + s * ld;
+          const int32_t* lc = st->col.data();
+          const T* lv = st->val.data();
+          for (int64_t o = o0; o < o1; ++o) {
+            T* acc = tile + (o - o0) * B;
+            Vec a[NV];
+            if (s == 0) {
+              for (int i = 0; i < NV; ++i) a[i] = Vec(bias ? bias[o] : T(0));
+            } else {
+              for (int i = 0; i < NV; ++i) a[i] = Vec::loadu(acc + i * V);
+            }
+            for (int32_t p = ptr[o]; p < ptr[o + 1]; ++p) {
+              const Vec v(lv[p]);
+              const T* r = xs + static_cast<int64_t>(lc[p]) * B;
+              for (int i = 0; i < NV; ++i) a[i] = at::vec::fmadd(v, Vec::loadu(r + i * V), a[i]);
+            }
+            for (int i = 0; i < NV; ++i) a[i].store(acc + i * V);
+          }
+        }
       }
       // tile [rows, B] (bias already in) -> y[n0.., o0..] [nb, rows], 8x8 tiles.
       transpose(tile, B, y + n0 * out + o0, out, o1 - o0, nb);
@@ -109,7 +200,15 @@ inline void sparse_linear_impl(const T* x, const int32_t* crow, const int32_t* c
   constexpr int64_t V = at::vec::Vectorized<T>::size();
   // whole blocks of 8 vectors, then the remaining tokens in the narrowest block that holds them
   const int64_t full = N / (8 * V) * (8 * V), rest = N - full;
-  if (full > 0) sparse_linear_block<T, 8>(x, crow, col, val, bias, y, full, in, out);
+  if (full > 0) {
+    const Striped<T>* st = nullptr;
+    thread_local Striped<T> stripes;  // reused across calls: fresh pages cost a fault each
+    if (want_stripes(full / (8 * V), crow[out], out, in)) {
+      build_stripes(crow, col, val, out, in, stripes);
+      st = &stripes;
+    }
+    sparse_linear_block<T, 8>(x, crow, col, val, bias, y, full, in, out, st);
+  }
   if (rest == 0) return;
   const T* xr = x + full * in;
   T* yr = y + full * out;
