@@ -118,6 +118,27 @@ void build_stripes(const int32_t* crow, const int32_t* col, const T* val, int64_
   });
 }
 
+// The same transpose with the destination's rows outermost: each group of 8 dst rows is written
+// left to right, so every cache line of dst is completed by two consecutive 8x8 tiles (y rows are
+// long and fresh; the src tile is in L1).
+template <typename T>
+inline void transpose_dst_rows(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows,
+                               int64_t cols) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+    const int64_t mj = std::min<int64_t>(8, cols - j0);
+    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+      const int64_t mi = std::min<int64_t>(8, rows - i0);
+      const T* s = src + i0 * ld_src + j0;
+      T* d = dst + j0 * ld_dst + i0;
+      if (mi == 8 && mj == 8) {
+        at::vec::transpose_mxn<T, 8, 8>(s, ld_src, d, ld_dst);
+      } else {
+        at::vec::transpose_mxn<T>(s, ld_src, d, ld_dst, static_cast<int>(mi), static_cast<int>(mj));
+      }
+    }
+  }
+}
+
 // NV vectors of tokens per block (B = NV * V tokens): 8 for whole blocks; the tokens left over
 // (fewer than 8 vectors) go in the narrowest block that holds them, so few lanes compute padding.
 // `st` (whole blocks only): the nonzeros split by stripes, or null for the plain loop.
@@ -189,7 +210,7 @@ inline void sparse_linear_block(const T* x, const int32_t* crow, const int32_t* 
         }
       }
       // tile [rows, B] (bias already in) -> y[n0.., o0..] [nb, rows], 8x8 tiles.
-      transpose(tile, B, y + n0 * out + o0, out, o1 - o0, nb);
+      transpose_dst_rows(tile, B, y + n0 * out + o0, out, o1 - o0, nb);
     }
   });
 }
