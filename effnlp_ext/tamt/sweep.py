@@ -82,7 +82,8 @@ def combine_seeds(summaries: list[dict]) -> dict:
     """Per sparsity, the dense / OMP / TAMT accuracies of several sweeps (one per seed) with
     their means and sample standard deviations, and the paired gaps TAMT − dense and TAMT − OMP
     (each seed's models share its data subsets, so the gaps are compared within a seed).
-    Sweeps must share the recipe (everything in the config but the seed and thread count)."""
+    Sweeps must share the recipe: everything in the config but the seed, the thread count and the
+    base ``sparsity``/``objective`` (each row sets its own)."""
     if not summaries:
         raise ValueError("combine_seeds: no sweeps given")
 
@@ -130,9 +131,11 @@ def format_seeds(combined: dict) -> str:
              f"dense fine-tuned: {pm(combined['dense'])}", "",
              "| sparsity | OMP | TAMT (KD) | TAMT − dense | TAMT − OMP | seeds with TAMT ≥ OMP |",
              "|---|---|---|---|---|---|"]
+    def gap(st):
+        return f"{100 * st['mean']:+.2f} ± {100 * st['std']:.2f}"
+
     for r in combined["rows"]:
         lines.append(f"| {int(round(r['sparsity'] * 100))}% | {pm(r['omp'])} | {pm(r['tamt'])} | "
-                     f"{100 * r['tamt_minus_dense']['mean']:+.2f} ± {100 * r['tamt_minus_dense']['std']:.2f} | "
-                     f"{100 * r['tamt_minus_omp']['mean']:+.2f} ± {100 * r['tamt_minus_omp']['std']:.2f} | "
+                     f"{gap(r['tamt_minus_dense'])} | {gap(r['tamt_minus_omp'])} | "
                      f"{r['tamt_ge_omp_seeds']}/{n} |")
     return "\n".join(lines)

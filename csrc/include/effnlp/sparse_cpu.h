@@ -11,7 +11,8 @@
 // whole blocks and enough nonzeros, the nonzeros are first split by stripes of 192 input columns
 // (build_stripes) and each chunk of rows walks the panel one stripe at a time, so the rows it
 // reads stay in L1. Accumulators start at the bias; rows are done in chunks whose results (a
-// [chunk, B] tile) are transposed back into y. Both transposes go through 8x8 register tiles (at::vec::transpose_mxn).
+// [chunk, B] tile) are transposed back into y. Both transposes go through 8x8 register tiles
+// (at::vec::transpose_mxn).
 // The work is split over (token block, row chunk) tiles in block-major order, so a thread
 // re-transposes only when its block changes and small batches still use every core.
 #pragma once
