@@ -40,19 +40,37 @@ Panel<T>& panel() {
   return p;
 }
 
-// dst[j, i] = src[i, j] for a [rows, cols] src (leading dims ld_src, ld_dst), 8x8 tiles.
+// One tile of a transpose: dst[j0 + j, i0 + i] = src[i0 + i, j0 + j], 8x8 or the edge.
 template <typename T>
-inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
-  for (int64_t i0 = 0; i0 < rows; i0 += 8) {
-    const int64_t mi = std::min<int64_t>(8, rows - i0);
+inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t i0,
+                           int64_t j0, int64_t rows, int64_t cols) {
+  const int64_t mi = std::min<int64_t>(8, rows - i0), mj = std::min<int64_t>(8, cols - j0);
+  const T* s = src + i0 * ld_src + j0;
+  T* d = dst + j0 * ld_dst + i0;
+  if (mi == 8 && mj == 8) {
+    at::vec::transpose_mxn<T, 8, 8>(s, ld_src, d, ld_dst);
+  } else {
+    at::vec::transpose_mxn<T>(s, ld_src, d, ld_dst, static_cast<int>(mi), static_cast<int>(mj));
+  }
+}
+
+// dst[j, i] = src[i, j] for a [rows, cols] src (leading dims ld_src, ld_dst), 8x8 tiles, src
+// rows outermost. With `dst_rows_outer` each group of 8 dst rows is written left to right
+// instead, so every cache line of dst is completed by two consecutive tiles (for y: its rows are
+// long and fresh, and the src tile is in L1).
+template <typename T>
+inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows,
+                      int64_t cols, bool dst_rows_outer = false) {
+  if (dst_rows_outer) {
     for (int64_t j0 = 0; j0 < cols; j0 += 8) {
-      const int64_t mj = std::min<int64_t>(8, cols - j0);
-      const T* s = src + i0 * ld_src + j0;
-      T* d = dst + j0 * ld_dst + i0;
-      if (mi == 8 && mj == 8) {
-        at::vec::transpose_mxn<T, 8, 8>(s, ld_src, d, ld_dst);
-      } else {
-        at::vec::transpose_mxn<T>(s, ld_src, d, ld_dst, static_cast<int>(mi), static_cast<int>(mj));
+      for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+        transpose_tile(src, ld_src, dst, ld_dst, i0, j0, rows, cols);
+      }
+    }
+  } else {
+    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+      for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+        transpose_tile(src, ld_src, dst, ld_dst, i0, j0, rows, cols);
       }
     }
   }
@@ -117,27 +135,6 @@ void build_stripes(const int32_t* crow, const int32_t* col, const T* val, int64_
       }
     }
   });
-}
-
-// The same transpose with the destination's rows outermost: each group of 8 dst rows is written
-// left to right, so every cache line of dst is completed by two consecutive 8x8 tiles (y rows are
-// long and fresh; the src tile is in L1).
-template <typename T>
-inline void transpose_dst_rows(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows,
-                               int64_t cols) {
-  for (int64_t j0 = 0; j0 < cols; j0 += 8) {
-    const int64_t mj = std::min<int64_t>(8, cols - j0);
-    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
-      const int64_t mi = std::min<int64_t>(8, rows - i0);
-      const T* s = src + i0 * ld_src + j0;
-      T* d = dst + j0 * ld_dst + i0;
-      if (mi == 8 && mj == 8) {
-        at::vec::transpose_mxn<T, 8, 8>(s, ld_src, d, ld_dst);
-      } else {
-        at::vec::transpose_mxn<T>(s, ld_src, d, ld_dst, static_cast<int>(mi), static_cast<int>(mj));
-      }
-    }
-  }
 }
 
 // NV vectors of tokens per block (B = NV * V tokens): 8 for whole blocks; the tokens left over
@@ -211,7 +208,7 @@ inline void sparse_linear_block(const T* x, const int32_t* crow, const int32_t* 
         }
       }
       // tile [rows, B] (bias already in) -> y[n0.., o0..] [nb, rows], 8x8 tiles.
-      transpose_dst_rows(tile, B, y + n0 * out + o0, out, o1 - o0, nb);
+      transpose(tile, B, y + n0 * out + o0, out, o1 - o0, nb, /*dst_rows_outer=*/true);
     }
   });
 }
