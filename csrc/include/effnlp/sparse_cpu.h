@@ -85,25 +85,25 @@ inline void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int6
 // 128-192 columns (AVX2; an AVX-512 version of the same loop was slower, the loop is load bound).
 constexpr int64_t kStripe = 192;
 
+inline int64_t n_stripes(int64_t in) { return (in + kStripe - 1) / kStripe; }
+
 template <typename T>
 struct Striped {
-  int64_t ns = 0;
-  std::vector<int32_t> ptr, col;  // ptr: [ns * (out + 1)]; col: the offset in the stripe
+  std::vector<int32_t> ptr, col;  // ptr: [n_stripes(in) * (out + 1)]; col: offset in the stripe
   std::vector<T> val;
 };
 
 // Stripes pay when there are several token blocks to amortise the O(nnz) split over and enough
 // nonzeros per (row, stripe) to amortise the accumulators' reload; else the plain loop runs.
 inline bool want_stripes(int64_t n_blocks, int64_t nnz, int64_t out, int64_t in) {
-  const int64_t ns = (in + kStripe - 1) / kStripe;
+  const int64_t ns = n_stripes(in);
   return ns > 1 && n_blocks >= 4 && nnz >= 8 * out * ns;
 }
 
 template <typename T>
 void build_stripes(const int32_t* crow, const int32_t* col, const T* val, int64_t out, int64_t in,
                    Striped<T>& st) {
-  const int64_t ns = (in + kStripe - 1) / kStripe, ld = out + 1;
-  st.ns = ns;
+  const int64_t ns = n_stripes(in), ld = out + 1;
   st.ptr.assign(ns * ld, 0);
   const int64_t nnz = crow[out];
   st.col.resize(nnz);
@@ -170,41 +170,26 @@ inline void sparse_linear_block(const T* x, const int32_t* crow, const int32_t* 
       }
       const int64_t o0 = chunk * kChunk, o1 = std::min<int64_t>(out, o0 + kChunk);
       T* tile = P.tile.data();
-      if (st == nullptr) {
+      // One stripe of the panel at a time (the plain CSR is a single stripe over every column);
+      // between stripes the rows' accumulators wait in the tile (L1).
+      const int64_t ns = st ? n_stripes(in) : 1;
+      const int32_t* cols = st ? st->col.data() : col;
+      const T* vals = st ? st->val.data() : val;
+      for (int64_t s = 0; s < ns; ++s) {
+        const T* xs = xt + s * kStripe * B;
+        const int32_t* ptr = st ? st->ptr.data() + s * (out + 1) : crow;
         for (int64_t o = o0; o < o1; ++o) {
+          T* acc = tile + (o - o0) * B;
           Vec a[NV];
-          for (int i = 0; i < NV; ++i) a[i] = Vec(bias ? bias[o] : T(0));
-          for (int32_t p = crow[o]; p < crow[o + 1]; ++p) {
-            const Vec v(val[p]);
-            const T* r = xt + static_cast<int64_t>(col[p]) * B;
+          for (int i = 0; i < NV; ++i) {
+            a[i] = s == 0 ? Vec(bias ? bias[o] : T(0)) : Vec::loadu(acc + i * V);
+          }
+          for (int32_t p = ptr[o]; p < ptr[o + 1]; ++p) {
+            const Vec v(vals[p]);
+            const T* r = xs + static_cast<int64_t>(cols[p]) * B;
             for (int i = 0; i < NV; ++i) a[i] = at::vec::fmadd(v, Vec::loadu(r + i * V), a[i]);
           }
-          T* dst = tile + (o - o0) * B;
-          for (int i = 0; i < NV; ++i) a[i].store(dst + i * V);
-        }
-      } else {
-        // One stripe of the panel at a time; the rows' accumulators go through the tile (L1).
-        const int64_t ld = out + 1;
-        for (int64_t s = 0; s < st->ns; ++s) {
-          const T* xs = xt + s * kStripe * B;
-          const int32_t* ptr = st->ptr.data() + s * ld;
-          const int32_t* lc = st->col.data();
-          const T* lv = st->val.data();
-          for (int64_t o = o0; o < o1; ++o) {
-            T* acc = tile + (o - o0) * B;
-            Vec a[NV];
-            if (s == 0) {
-              for (int i = 0; i < NV; ++i) a[i] = Vec(bias ? bias[o] : T(0));
-            } else {
-              for (int i = 0; i < NV; ++i) a[i] = Vec::loadu(acc + i * V);
-            }
-            for (int32_t p = ptr[o]; p < ptr[o + 1]; ++p) {
-              const Vec v(lv[p]);
-              const T* r = xs + static_cast<int64_t>(lc[p]) * B;
-              for (int i = 0; i < NV; ++i) a[i] = at::vec::fmadd(v, Vec::loadu(r + i * V), a[i]);
-            }
-            for (int i = 0; i < NV; ++i) a[i].store(acc + i * V);
-          }
+          for (int i = 0; i < NV; ++i) a[i].store(acc + i * V);
         }
       }
       // tile [rows, B] (bias already in) -> y[n0.., o0..] [nb, rows], 8x8 tiles.
