@@ -181,6 +181,9 @@ def main() -> int:
     p.add_argument("--render", action="store_true",
                    help="print the tables of --results, redraw its PNG and exit")
     args = p.parse_args()
+    if any("=" not in x for x in args.sources):
+        p.error(f"--sources takes TARGET=SOURCE pairs, got {args.sources}")
+    by_hand = dict(x.split("=", 1) for x in args.sources)
     if args.render:
         res = json.loads(args.results.read_text())
         print(render(res))
@@ -240,7 +243,7 @@ def main() -> int:
         cfg = replace(base, task=t)
         rnd = train_prompt(replace(cfg, init="random"), args.data_dir,
                            args.out / "init" / f"{t}-random")
-        forced = dict(x.split("=", 1) for x in args.sources).get(t)
+        forced = by_hand.get(t)
         tags = ([f"from {forced}, by hand"] if forced else
                 ([] if args.probe_init == "random" else ["vocab probe"]) +
                 ([] if args.on_positions == "prompt" else ["ON at [CLS]"]))
