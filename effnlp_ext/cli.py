@@ -185,7 +185,7 @@ def prompts(args) -> int:
     if args.prompts_cmd == "train":
         cfg = PromptConfig(task=args.task, n_tokens=args.n_tokens, init=args.init,
                            steps=args.steps, lr=args.lr, train_size=args.train_size or None,
-                           num_layers=args.num_layers)
+                           num_layers=args.num_layers, init_seed=args.init_seed)
         init = SoftPrompt.load(args.init_from)[0] if args.init_from else None
         out = args.out or Path("runs") / f"prompt-{args.task}"
         res = train_prompt(cfg, args.data_dir, out, prompt=init)
@@ -210,7 +210,7 @@ def prompts(args) -> int:
                            train_size=args.train_size or None)
         res = transfer_init(cfg, library, args.data_dir, args.out or Path("runs") / f"transfer-{args.task}",
                             probe_steps=args.probe_steps, probe_init=args.probe_init,
-                            on_positions=args.on_positions)
+                            probe_init_seed=args.probe_init_seed, on_positions=args.on_positions)
         print(json.dumps({k: res[k] for k in ("source", "on_scores", "head_transferred", "best",
                                               "curve", "prompt")}, indent=2))
         return 0
@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--n-tokens", type=int, default=20)
     pt.add_argument("--init", choices=["vocab", "random"], default="vocab")
     pt.add_argument("--init-from", type=Path, default=None, help="start from this saved prompt")
+    pt.add_argument("--init-seed", type=int, default=None,
+                    help="seed of the initial prompt (default: the run's seed); one seed for "
+                         "every task of a library makes its prompts start from one sample")
     pt.add_argument("--steps", type=int, default=300)
     pt.add_argument("--lr", type=float, default=3e-2)
     pt.add_argument("--train-size", type=int, default=8000)
@@ -448,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     pf.add_argument("--steps", type=int, default=300)
     pf.add_argument("--probe-steps", type=int, default=20)
     pf.add_argument("--probe-init", choices=["random", "vocab"], default="random")
+    pf.add_argument("--probe-init-seed", type=int, default=None,
+                    help="seed of the probe's initial prompt (a library's common --init-seed)")
     pf.add_argument("--on-positions", choices=["prompt", "cls"], default="prompt",
                     help="activations ON compares: every prompt position, or [CLS] only")
     pf.add_argument("--n-tokens", type=int, default=None,

@@ -172,6 +172,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="2 tasks, few steps: a smoke run")
     p.add_argument("--probe-init", choices=["random", "vocab"], default="random",
                    help="initialisation of the target's probe prompt (transfer by initialisation)")
+    p.add_argument("--library-init", choices=["per-task", "common"], default="per-task",
+                   help="per-task: each library prompt from its own vocabulary sample; common: "
+                        "every library prompt and the probe from one sample, so that their "
+                        "differences are what the tasks taught them (the probe is then a vocab "
+                        "probe from that sample)")
     p.add_argument("--on-positions", choices=POSITIONS, default="prompt",
                    help="activations ON compares to pick the source (see prompts.similarity)")
     p.add_argument("--sources", nargs="+", default=[], metavar="TARGET=SOURCE",
@@ -203,11 +208,13 @@ def main() -> int:
     save = lambda: (args.results.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
                     args.results.write_text(json.dumps(res, indent=2)))
 
-    # 1. library: vocab-initialised prompts, each task from its own vocabulary sample
+    # 1. library: vocab-initialised prompts, each task from its own vocabulary sample or all
+    # from one (--library-init common)
+    common = args.library_init == "common"
     lib, heads, finals = {}, {}, {}
     for i, t in enumerate(args.tasks):
-        r = train_prompt(replace(base, task=t, init_seed=base.seed + 1 + i), args.data_dir,
-                         args.out / "lib" / t)
+        r = train_prompt(replace(base, task=t, init_seed=base.seed + 1 + (0 if common else i)),
+                         args.data_dir, args.out / "lib" / t)
         lib[t], heads[t] = _load(Path(r["prompt"]))
         finals[t] = r["curve"][-1]["accuracy"]
         res.setdefault("library", {})[t] = {"best": r["best"], "final": finals[t],
@@ -245,15 +252,17 @@ def main() -> int:
                            args.out / "init" / f"{t}-random")
         forced = by_hand.get(t)
         tags = ([f"from {forced}, by hand"] if forced else
-                ([] if args.probe_init == "random" else ["vocab probe"]) +
+                (["common init"] if common else
+                 [] if args.probe_init == "random" else ["vocab probe"]) +
                 ([] if args.on_positions == "prompt" else ["ON at [CLS]"]))
         key = t + (f" ({', '.join(tags)})" if tags else "")
         # "imdb (ON at [CLS])" -> imdb-on-at-cls
         folder = re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
         tr = transfer_init(cfg, {k: (lib[k], heads[k]) for k in lib}, args.data_dir,
                            args.out / "init" / folder, probe_steps=args.probe_steps,
-                           probe_init=args.probe_init, on_positions=args.on_positions,
-                           source=forced, frozen=frozen)
+                           probe_init="vocab" if common else args.probe_init,
+                           probe_init_seed=base.seed + 1 if common else None,
+                           on_positions=args.on_positions, source=forced, frozen=frozen)
         target = rnd["curve"][-1]["accuracy"]
         reach = steps_to_reach(tr["curve"], target)
         speed[key] = {"source": tr["source"], "probe_init": tr["probe_init"],
@@ -262,6 +271,7 @@ def main() -> int:
                     "random_best": rnd["best"], "transfer_final": tr["curve"][-1]["accuracy"],
                     "transfer_best": tr["best"], "steps_to_random_final": reach,
                     "probe_steps": tr["probe_steps"], "chosen_by_hand": forced is not None,
+                    "library_init": args.library_init,
                     "fraction_of_steps": (None if reach is None else
                                           (reach + tr["probe_steps"]) / args.steps),
                     "curves": {"random": rnd["curve"], "transfer": tr["curve"]}}

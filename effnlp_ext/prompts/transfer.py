@@ -148,12 +148,15 @@ def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | No
 
 def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dict]], data_dir,
                   out, *, probe_steps: int = 30, probe_init: str = "random",
-                  on_positions: str = "prompt", source: str | None = None, frozen=None) -> dict:
+                  on_positions: str = "prompt", source: str | None = None, frozen=None,
+                  probe_init_seed: int | None = None) -> dict:
     """Transfer by initialisation for the target ``config.task``.
 
     1. probe: ``probe_steps`` of tuning a prompt on the target (``probe_init``: "random", or
-       "vocab" like a library's prompts, from a sample of its own); the probe says what the
-       target makes the model do, and its cost counts toward the transfer's;
+       "vocab" like a library's prompts, from a sample of its own, or from ``probe_init_seed``'s
+       sample: the library's common one when its prompts all start from one sample, so that
+       ON compares what the tasks taught the prompts rather than where they started); the
+       probe says what the target makes the model do, and its cost counts toward the transfer's;
     2. the library prompt most similar to the probe by ON (the target's own prompt excluded;
        ``on_positions``: the activations ON compares, see ``similarity``);
     3. tuning from that prompt for ``config.steps``, with the source's head when its label count
@@ -175,8 +178,11 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
                              f"got {lengths}")
         if frozen is None:
             frozen, _ = load_frozen(config)
+        if probe_init_seed is None and probe_init == "vocab":
+            # a vocab probe draws its own sample (a library's tasks use seed + 1, + 2, ...)
+            probe_init_seed = config.seed + 1000
         source, scores = _choose_by_on(config, library, data_dir, out, probe_steps, probe_init,
-                                       on_positions, frozen)
+                                       on_positions, frozen, probe_init_seed)
     prompt, head = library[source]
     n_out = head["weight"].shape[0] if "weight" in head else None
     use_head = n_out == get_task(config.task).num_labels
@@ -184,14 +190,15 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
                        head=head if use_head else None)
     return {"source": source, "on_scores": scores, "head_transferred": use_head,
             "probe_steps": probe_steps, "probe_init": probe_init, "on_positions": on_positions,
+            "probe_init_seed": probe_init_seed,
             **run}
 
 
-def _choose_by_on(config, library, data_dir, out, probe_steps, probe_init, on_positions, frozen):
+def _choose_by_on(config, library, data_dir, out, probe_steps, probe_init, on_positions, frozen,
+                  probe_init_seed):
     """Steps 1-2 of ``transfer_init``: the probe, then the ON-nearest library task, its scores."""
-    # a vocab probe draws its own sample (the library's tasks use seed + 1, + 2, ...)
     probe = train_prompt(replace(config, steps=probe_steps, init=probe_init,
-                                 init_seed=None if probe_init == "random" else config.seed + 1000,
+                                 init_seed=probe_init_seed,
                                  eval_every=max(1, probe_steps)), data_dir, out / "probe")
     source, scores = most_similar(SoftPrompt.load(Path(probe["prompt"]))[0],
                                   {k: p for k, (p, _) in library.items()}, frozen,

@@ -220,10 +220,26 @@ def test_train_prompt_learns_a_toy_task(tmp_path):
     tr5 = transfer_init(replace(cfg, n_tokens=5, steps=1, eval_every=1), library, data,
                         tmp_path / "cls", probe_steps=1, on_positions="cls")
     assert tr5["on_positions"] == "cls" and set(tr5["on_scores"]) == {"imdb", "rte"}
+    # a vocab probe from a given sample (a library's common one): recorded with its run; by
+    # default a vocab probe draws a sample of its own
+    for seed, want in ((11, 11), (None, cfg.seed + 1000)):
+        trc = transfer_init(replace(cfg, steps=1, eval_every=1), library, data,
+                            tmp_path / f"common-{seed}", probe_steps=1, probe_init="vocab",
+                            probe_init_seed=seed)
+        probe_cfg = json.loads((tmp_path / f"common-{seed}" / "probe" / "results.json").read_text())
+        assert probe_cfg["config"]["init"] == "vocab" and probe_cfg["config"]["init_seed"] == want
+        assert trc["probe_init_seed"] == want
     assert main(["prompts", "transfer", "--task", "sst2", "--library", str(tmp_path / "lib" / "imdb"),
                  "--steps", "1", "--probe-steps", "1", "--train-size", "16", "--data-dir", str(data),
                  "--on-positions", "cls", "--probe-init", "vocab", "--n-tokens", "5",
-                 "--out", str(tmp_path / "cli-cls")]) == 0
+                 "--probe-init-seed", "11", "--out", str(tmp_path / "cli-cls")]) == 0
+    cli_probe = json.loads((tmp_path / "cli-cls" / "probe" / "results.json").read_text())
+    assert cli_probe["config"]["init_seed"] == 11
+    assert main(["prompts", "train", "--task", "sst2", "--n-tokens", "4", "--steps", "1",
+                 "--train-size", "16", "--init-seed", "11", "--num-layers", "2",
+                 "--data-dir", str(data), "--out", str(tmp_path / "cli-train")]) == 0
+    cli_run = json.loads((tmp_path / "cli-train" / "results.json").read_text())
+    assert cli_run["config"]["init_seed"] == 11 and len(cli_run["curve"]) >= 2
     assert (tmp_path / "cli-cls" / "from-imdb" / "results.json").exists()
 
 
