@@ -4,8 +4,9 @@ transfer by initialisation, and a cross-model projector.
     python experiments/prompt_transfer.py [--steps 300] [--max-length 128] [--quick]
                                           [--out experiments/runs/prompts]
 
-1. library: one prompt (20 tokens, vocab init, a different vocabulary sample per task) + head
-   per task, on the frozen MiniLM-L6;
+1. library: one prompt (20 tokens, vocab init, a different vocabulary sample per task, or one
+   sample for every task and the probes with --library-init common) + head per task, on the
+   frozen MiniLM-L6;
 2. similarity matrix across the library (cosine, per-token cosine, ON at the prompt positions,
    ON at [CLS]);
 3. zero-shot transfer: task A's prompt with task B's head on B's dev sample (tasks with the
