@@ -91,9 +91,11 @@ def combine_seeds(summaries: list[dict]) -> dict:
         return {k: v for k, v in s["config"].items() if k not in ("seed", "threads", "sparsity",
                                                                    "objective")}
 
+    first = recipe(summaries[0])
     for s in summaries[1:]:
-        if recipe(s) != recipe(summaries[0]):
-            diff = sorted(k for k in recipe(s) if recipe(s)[k] != recipe(summaries[0]).get(k))
+        other = recipe(s)
+        if other != first:
+            diff = sorted(k for k in other.keys() | first.keys() if other.get(k) != first.get(k))
             raise ValueError(f"combine_seeds: the sweeps differ in {diff}, not only in the seed")
     seeds = [s["config"]["seed"] for s in summaries]
     if len(set(seeds)) != len(seeds):
@@ -117,25 +119,22 @@ def combine_seeds(summaries: list[dict]) -> dict:
                      "tamt_minus_dense": stats([t - dense[k] for t, k in zip(tamt, seeds)]),
                      "tamt_minus_omp": stats([t - o for t, o in zip(tamt, omp)]),
                      "tamt_ge_omp_seeds": sum(t >= o for t, o in zip(tamt, omp))})
-    return {"seeds": seeds, "config": recipe(summaries[0]),
+    return {"seeds": seeds, "config": first,
             "dense": stats([dense[k] for k in seeds]), "rows": rows}
 
 
 def format_seeds(combined: dict) -> str:
     """The README table of combine_seeds: mean ± std over seeds, in points."""
-    def pm(st):
-        return f"{100 * st['mean']:.2f} ± {100 * st['std']:.2f}"
+    def pm(st, sign=""):   # sign="+": a signed gap
+        return f"{100 * st['mean']:{sign}.2f} ± {100 * st['std']:.2f}"
 
     n = len(combined["seeds"])
     lines = [f"SST-2 dev accuracy over {n} seeds {combined['seeds']} (mean ± sample std, points); "
              f"dense fine-tuned: {pm(combined['dense'])}", "",
              "| sparsity | OMP | TAMT (KD) | TAMT − dense | TAMT − OMP | seeds with TAMT ≥ OMP |",
              "|---|---|---|---|---|---|"]
-    def gap(st):
-        return f"{100 * st['mean']:+.2f} ± {100 * st['std']:.2f}"
-
     for r in combined["rows"]:
         lines.append(f"| {int(round(r['sparsity'] * 100))}% | {pm(r['omp'])} | {pm(r['tamt'])} | "
-                     f"{gap(r['tamt_minus_dense'])} | {gap(r['tamt_minus_omp'])} | "
+                     f"{pm(r['tamt_minus_dense'], '+')} | {pm(r['tamt_minus_omp'], '+')} | "
                      f"{r['tamt_ge_omp_seeds']}/{n} |")
     return "\n".join(lines)
