@@ -178,9 +178,10 @@ def transfer_init(config: PromptConfig, library: dict[str, tuple[SoftPrompt, dic
                              f"got {lengths}")
         if frozen is None:
             frozen, _ = load_frozen(config)
-        if probe_init_seed is None and probe_init == "vocab":
-            # a vocab probe draws its own sample (a library's tasks use seed + 1, + 2, ...)
-            probe_init_seed = config.seed + 1000
+        if probe_init_seed is None:
+            # a vocab probe draws its own sample (a library's tasks use seed + 1, + 2, ...); a
+            # random one starts from the run's seed, as every random prompt does
+            probe_init_seed = config.seed + 1000 if probe_init == "vocab" else config.seed
         source, scores = _choose_by_on(config, library, data_dir, out, probe_steps, probe_init,
                                        on_positions, frozen, probe_init_seed)
     prompt, head = library[source]
