@@ -1,6 +1,10 @@
 """sparse_linear (CSR inference op): reference parity, opcheck, torch.compile, validation."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -85,6 +89,38 @@ def test_column_stripes_unsorted_and_duplicate_columns(dtype, inp):
                                torch.nn.functional.linear(x, w, b), **tol)
     torch.testing.assert_close(sparse_linear_ref(x, crow, col, val, inp, b),
                                torch.nn.functional.linear(x, w, b), **tol)
+
+
+_ISA_SCRIPT = """
+import sys, torch, effnlp_ext
+torch.manual_seed(0)
+outs = []
+for n, inp, out, density in [(64, 193, 70, 0.3), (300, 768, 130, 0.1), (1000, 400, 96, 0.05), (17, 50, 33, 0.5)]:
+    w = torch.randn(out, inp) * (torch.rand(out, inp) < density)
+    c = w.to_sparse_csr()
+    x, b = torch.randn(n + 1, inp)[1:], torch.randn(out)   # x starts off a 64-byte boundary
+    outs.append((x, w, b, effnlp_ext.sparse_linear(x, c.crow_indices().int(), c.col_indices().int(),
+                                                   c.values(), inp, b)))
+torch.save(outs, sys.argv[1])
+"""
+
+
+def test_avx2_and_avx512_loops_agree(tmp_path):
+    # The float loop is picked at run time: AVX-512 where the CPU has it, AVX2 when torch's own
+    # ATEN_CPU_CAPABILITY caps the ISA (read once per process, so the capped run is a subprocess).
+    # Both must equal the dense product; on a CPU without AVX-512 both runs take the AVX2 loop.
+    res = {}
+    for cap in ("", "avx2"):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if cap:
+            env["ATEN_CPU_CAPABILITY"] = cap
+        path = tmp_path / f"y{cap or 'native'}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True, timeout=300)
+        res[cap] = torch.load(path)
+    for (x, w, b, y), (_, _, _, y2) in zip(res[""], res["avx2"]):
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(y2.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_empty_rows_and_non_contiguous_x():
