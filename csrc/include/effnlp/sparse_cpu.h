@@ -73,7 +73,8 @@ inline bool use_avx512() {
 // tile) = (first ? bias[o] : acc[o]) + sum_p vals[p] * xs[cols[p] * B .. + B]. xs and tile are
 // 64-byte aligned (B floats are whole cache lines). Measured on a 2-vCPU Xeon (AVX-512, 1
 // thread, 4096 tokens, 90%): 768 -> 3072 1.3x and 3072 -> 768 1.6x faster than the AVX2 loop
-// with the same stripes; with 8 zmm (128 tokens) or 2 zmm (32) no faster or slower.
+// with the same stripes; 8 zmm (128 tokens) no faster, 2 zmm (32) slower; on a panel off a
+// 64-byte boundary every load straddles two lines and the loop is slower than the AVX2 one.
 template <int NZ>
 __attribute__((target("avx512f"))) inline void stripe_rows_avx512(
     const float* xs, const int32_t* ptr, const int32_t* cols, const float* vals,
