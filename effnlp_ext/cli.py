@@ -311,7 +311,8 @@ def adapters(args) -> int:
                              train_size=args.train_size or None, dev_size=args.dev_size or None,
                              epochs=args.epochs, lr=args.lr, max_length=args.max_length,
                              reduction_factor=args.reduction_factor, seeds=args.seeds,
-                             switch_lr_mult=args.switch_lr_mult, switch_cost=args.switch_cost,
+                             switch_lr_mult=args.switch_lr_mult,
+                             rational_lr_mult=args.rational_lr_mult, switch_cost=args.switch_cost,
                              switch_cost_start=args.switch_cost_start, max_layers=args.max_layers,
                              retrain=args.retrain, progress=args.progress)
     print(format_comparison(summary))
@@ -520,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     ac.add_argument("--reduction-factor", type=int, default=16)
     ac.add_argument("--switch-lr-mult", type=float, default=50.0,
                     help="learning rate of the switch logits, as a multiple of --lr")
+    ac.add_argument("--rational-lr-mult", type=float, default=1.0,
+                    help="learning rate of the rational activations' coefficients, as a multiple "
+                         "of --lr (rational and adaptable)")
     ac.add_argument("--switch-cost", type=float, default=0.0,
                     help="price of an adapter in the loss: times the expected fraction of "
                          "layers keeping theirs (adaptable only)")

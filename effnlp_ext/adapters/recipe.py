@@ -56,6 +56,7 @@ class AdapterConfig:
     tau_start: float = 1.0
     tau_end: float = 0.1
     switch_lr_mult: float = 50.0      # the switch logits' learning rate is lr times this
+    rational_lr_mult: float = 1.0     # the rational coefficients' learning rate is lr times this
     switch_cost: float = 0.0          # loss += switch_cost * expected fraction of adapted layers
     switch_cost_start: float = 0.5    # ... from this fraction of the steps on (adapters start as
                                       # the identity: before they learn, the price alone acts)
@@ -65,18 +66,29 @@ class AdapterConfig:
     progress: bool = False
 
 
-def _switch_learning_rate(trainer: Trainer, mult: float) -> None:
-    """Rebuilds the trainer's AdamW and schedule with the switch logits in their own group at
-    ``lr * mult`` (before training or a resume, so checkpoints see the same groups). Adam moves
+def _own_learning_rates(trainer: Trainer, switch_mult: float = 1.0, rational_mult: float = 1.0) -> None:
+    """Rebuilds the trainer's AdamW and schedule with the switch logits and/or the rational
+    coefficients in their own groups at ``lr * mult`` (a multiplier of 1 leaves that kind in the
+    shared groups), before training or a resume, so checkpoints see the same groups. Adam moves
     a parameter by about lr per step whatever its gradient: at the adapters' lr the logits
-    would move ~0.1 over a short run and the choice would stay a coin flip."""
+    would move ~0.1 over a short run and the choice would stay a coin flip; a rational's ten
+    coefficients shape the activation of a whole layer, so the same step moves every unit's
+    nonlinearity at once. Neither group is weight-decayed (decay would pull the switch towards a
+    coin flip and the activation towards zero)."""
+    suffixes = {".switch.logits": switch_mult, ".act.numerator": rational_mult,
+                ".act.denominator": rational_mult}
     cfg = trainer.config
     groups = param_groups(trainer.model, cfg.weight_decay)
-    logits = [p for n, p in trainer.model.named_parameters() if n.endswith(".switch.logits")]
-    ids = {id(p) for p in logits}
+    own: dict[float, list] = {}
+    for n, p in trainer.model.named_parameters():
+        mult = next((m for suf, m in suffixes.items() if n.endswith(suf)), 1.0)
+        if p.requires_grad and mult != 1.0:
+            own.setdefault(mult, []).append(p)
+    ids = {id(p) for ps in own.values() for p in ps}
     for g in groups:
         g["params"] = [p for p in g["params"] if id(p) not in ids]
-    groups.append({"params": logits, "weight_decay": 0.0, "lr": cfg.lr * mult})
+    for mult, ps in own.items():
+        groups.append({"params": ps, "weight_decay": 0.0, "lr": cfg.lr * mult})
     trainer.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
         trainer.optimizer, linear_warmup_decay(trainer.warmup_steps, trainer.total_steps))
@@ -129,8 +141,9 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
             return loss
 
         tr.step_fn = step
-        if switch and config.switch_lr_mult != 1.0:
-            _switch_learning_rate(tr, config.switch_lr_mult)
+        switch_mult = config.switch_lr_mult if switch else 1.0
+        if switch_mult != 1.0 or config.rational_lr_mult != 1.0:
+            _own_learning_rates(tr, switch_mult, config.rational_lr_mult)
         tr.train(resume=(out / "run" / "checkpoint.pt").exists())
     seconds = time.time() - t0
     res = {"config": asdict(config), "train_size": len(train), "dev_size": len(dev),

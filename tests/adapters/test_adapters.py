@@ -359,14 +359,14 @@ def test_recipe_adaptable_runs_and_prunes(data_dir, tmp_path):
 
 
 def test_switch_logits_get_their_own_learning_rate():
-    from effnlp_ext.adapters.recipe import _switch_learning_rate
+    from effnlp_ext.adapters.recipe import _own_learning_rates
     from effnlp_ext.training import TrainConfig, Trainer
 
     model = add_adapters(tiny_bert(), switch=True)
     data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(0)}] * 4
     tr = Trainer(model, TrainConfig(lr=1e-3, batch_size=2, progress=False, device="cpu"),
                  train_dataset=data)
-    _switch_learning_rate(tr, 50.0)
+    _own_learning_rates(tr, switch_mult=50.0)
     groups = tr.optimizer.param_groups
     logits = {id(o.switch.logits) for o in adapted_outputs(model).values()}
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 5e-2])  # no warmup: full lr at step 0
@@ -374,6 +374,31 @@ def test_switch_logits_get_their_own_learning_rate():
     assert groups[-1]["initial_lr"] == pytest.approx(5e-2) and groups[0]["initial_lr"] == pytest.approx(1e-3)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in groups for p in g["params"]} == trainable
+
+
+def test_rational_coefficients_get_their_own_learning_rate():
+    from effnlp_ext.adapters.recipe import _own_learning_rates
+    from effnlp_ext.training import TrainConfig, Trainer
+
+    model = add_adapters(tiny_bert(), activation="rational", switch=True)
+    data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(0)}] * 4
+    tr = Trainer(model, TrainConfig(lr=1e-3, batch_size=2, progress=False, device="cpu",
+                                    weight_decay=0.01), train_dataset=data)
+    _own_learning_rates(tr, switch_mult=50.0, rational_mult=0.1)
+    groups = tr.optimizer.param_groups
+    outs = adapted_outputs(model).values()
+    coeffs = {id(p) for o in outs for p in (o.adapter.act.numerator, o.adapter.act.denominator)}
+    by_lr = {round(g["lr"], 8): g for g in groups}
+    assert sorted(by_lr) == pytest.approx([1e-4, 1e-3, 5e-2])
+    assert {id(p) for p in by_lr[1e-4]["params"]} == coeffs and by_lr[1e-4]["weight_decay"] == 0.0
+    assert {id(p) for p in by_lr[5e-2]["params"]} == {id(o.switch.logits) for o in outs}
+    shared = [p for g in groups if g["lr"] == pytest.approx(1e-3) for p in g["params"]]
+    assert not {id(p) for p in shared} & coeffs and shared
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert set(ids) == trainable and len(ids) == len(trainable)   # every parameter once
+    _own_learning_rates(tr)   # every multiplier 1: only the shared groups
+    assert all(g["lr"] == pytest.approx(1e-3) for g in tr.optimizer.param_groups)
 
 
 def test_format_comparison_means_over_seeds():
