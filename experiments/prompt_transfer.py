@@ -212,9 +212,10 @@ def main() -> int:
     # 1. library: vocab-initialised prompts, each task from its own vocabulary sample or all
     # from one (--library-init common)
     common = args.library_init == "common"
+    common_seed = base.seed + 1   # the one vocabulary sample of a common-init library and probes
     lib, heads, finals = {}, {}, {}
     for i, t in enumerate(args.tasks):
-        r = train_prompt(replace(base, task=t, init_seed=base.seed + 1 + (0 if common else i)),
+        r = train_prompt(replace(base, task=t, init_seed=common_seed if common else base.seed + 1 + i),
                          args.data_dir, args.out / "lib" / t)
         lib[t], heads[t] = _load(Path(r["prompt"]))
         finals[t] = r["curve"][-1]["accuracy"]
@@ -262,7 +263,7 @@ def main() -> int:
         tr = transfer_init(cfg, {k: (lib[k], heads[k]) for k in lib}, args.data_dir,
                            args.out / "init" / folder, probe_steps=args.probe_steps,
                            probe_init="vocab" if common else args.probe_init,
-                           probe_init_seed=base.seed + 1 if common else None,
+                           probe_init_seed=common_seed if common else None,
                            on_positions=args.on_positions, source=forced, frozen=frozen)
         target = rnd["curve"][-1]["accuracy"]
         reach = steps_to_reach(tr["curve"], target)

@@ -75,6 +75,8 @@ inline bool use_avx512() {
 // thread, 4096 tokens, 90%): 768 -> 3072 1.3x and 3072 -> 768 1.6x faster than the AVX2 loop
 // with the same stripes; 8 zmm (128 tokens) no faster, 2 zmm (32) slower; on a panel off a
 // 64-byte boundary every load straddles two lines and the loop is slower than the AVX2 one.
+// It is the AVX2 loop of sparse_linear_block written with 512-bit intrinsics: at::vec is built
+// for AVX2 here, so the wider loop cannot share its Vectorized code.
 template <int NZ>
 __attribute__((target("avx512f"))) inline void stripe_rows_avx512(
     const float* xs, const int32_t* ptr, const int32_t* cols, const float* vals,
@@ -215,6 +217,7 @@ inline void sparse_linear_block(const T* x, const int32_t* crow, const int32_t* 
   constexpr int64_t kChunk = 128;
   const int64_t nblocks = (N + B - 1) / B;
   const int64_t nchunks = (out + kChunk - 1) / kChunk;
+  [[maybe_unused]] const bool wide = std::is_same_v<T, float> && B % 16 == 0 && use_avx512();
   at::parallel_for(0, nblocks * nchunks, 1, [&](int64_t t0, int64_t t1) {
     Panel<T>& P = panel<T>();
     constexpr int64_t kPad = 64 / sizeof(T);
@@ -246,7 +249,7 @@ inline void sparse_linear_block(const T* x, const int32_t* crow, const int32_t* 
         const int32_t* ptr = st ? st->ptr.data() + s * (out + 1) : crow;
 #ifdef EFFNLP_SPARSE_AVX512
         if constexpr (std::is_same_v<T, float> && B % 16 == 0) {
-          if (use_avx512()) {
+          if (wide) {
             stripe_rows_avx512<static_cast<int>(B / 16)>(xs, ptr, cols, vals, bias, s == 0, o0, o1,
                                                          tile);
             continue;
