@@ -312,7 +312,8 @@ def adapters(args) -> int:
                              epochs=args.epochs, lr=args.lr, max_length=args.max_length,
                              reduction_factor=args.reduction_factor, seeds=args.seeds,
                              switch_lr_mult=args.switch_lr_mult,
-                             rational_lr_mult=args.rational_lr_mult, switch_cost=args.switch_cost,
+                             rational_lr_mult=args.rational_lr_mult,
+                             rational_init=args.rational_init, switch_cost=args.switch_cost,
                              switch_cost_start=args.switch_cost_start, max_layers=args.max_layers,
                              retrain=args.retrain, progress=args.progress)
     print(format_comparison(summary))
@@ -320,6 +321,7 @@ def adapters(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .adapters.fits import APPROXIMATIONS
     from .demo import DemoConfig
 
     DEMO_DEFAULTS = DemoConfig()
@@ -524,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     ac.add_argument("--rational-lr-mult", type=float, default=1.0,
                     help="learning rate of the rational activations' coefficients, as a multiple "
                          "of --lr (rational and adaptable)")
+    ac.add_argument("--rational-init", default="relu", choices=sorted(APPROXIMATIONS),
+                    help="the function the rational activations start from (a least-squares "
+                         "fit on [-3, 3]); the adaptable-adapters paper's code uses 'one'")
     ac.add_argument("--switch-cost", type=float, default=0.0,
                     help="price of an adapter in the loss: times the expected fraction of "
                          "layers keeping theirs (adaptable only)")

@@ -1,7 +1,8 @@
 """Adapter tuning end to end on a task: the three variants of adaptable adapters.
 
 * ``relu``: a Pfeiffer adapter with ReLU in every layer;
-* ``rational``: the same with a learnable rational activation (ReLU start, degrees 5/4);
+* ``rational``: the same with a learnable rational activation (degrees 5/4, starting from a fit
+  of ``rational_init``: ReLU by default);
 * ``adaptable``: rational adapters plus a per-layer ``LayerSwitch`` (straight-through
   Gumbel-softmax, temperature annealed from ``tau_start`` to ``tau_end``, logits at
   ``switch_lr_mult`` times the learning rate); after training the layers whose switch chose
@@ -57,6 +58,8 @@ class AdapterConfig:
     tau_end: float = 0.1
     switch_lr_mult: float = 50.0      # the switch logits' learning rate is lr times this
     rational_lr_mult: float = 1.0     # the rational coefficients' learning rate is lr times this
+    rational_init: str = "relu"       # the function the rational activations start from
+                                      # (fits.APPROXIMATIONS; the paper's code starts from "one")
     switch_cost: float = 0.0          # loss += switch_cost * expected fraction of adapted layers
     switch_cost_start: float = 0.5    # ... from this fraction of the steps on (adapters start as
                                       # the identity: before they learn, the price alone acts)
@@ -111,6 +114,8 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
     torch.manual_seed(config.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels)
     activation, switch = VARIANTS[config.variant]
+    if activation == "rational":
+        activation = f"rational:{config.rational_init}"
     add_adapters(model, config.reduction_factor, activation, switch=switch, temperature=config.tau_start)
     if config.layers is not None:
         keep_layers(model, config.layers)

@@ -349,9 +349,11 @@ def test_recipe_adaptable_runs_and_prunes(data_dir, tmp_path):
     from effnlp_ext.adapters.recipe import AdapterConfig, train_variant
 
     cfg = AdapterConfig(variant="adaptable", task="sst2", train_size=32, dev_size=32, batch_size=16,
-                        max_length=32)
+                        max_length=32, rational_init="one")
     res = train_variant(cfg, data_dir, tmp_path / "run")
     assert res["trainable_params"] == res["adapter_params"] + 6 * 2 + 384 * 2 + 2
+    info = load_adapted(tmp_path / "run" / "model").config.effnlp_adapters
+    assert info["activation"] == "rational:one" and res["config"]["rational_init"] == "one"
     assert set(res["prune"]["layers_kept"]) | set(res["prune"]["layers_removed"]) == set(range(6))
     assert 0.0 <= res["dev"]["accuracy"] <= 1.0 and "accuracy" in res["dev_pruned"]
     assert (tmp_path / "run" / "results.json").exists()
