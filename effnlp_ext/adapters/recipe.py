@@ -76,8 +76,11 @@ def _own_learning_rates(trainer: Trainer, switch_mult: float = 1.0, rational_mul
     a parameter by about lr per step whatever its gradient: at the adapters' lr the logits
     would move ~0.1 over a short run and the choice would stay a coin flip; a rational's ten
     coefficients shape the activation of a whole layer, so the same step moves every unit's
-    nonlinearity at once. Neither group is weight-decayed (decay would pull the switch towards a
-    coin flip and the activation towards zero)."""
+    nonlinearity at once. Neither own group is weight-decayed (decay would pull the switch
+    towards a coin flip and the activation towards zero); a kind left in the shared groups (its
+    multiplier 1) is decayed as the 2-D weights are (the coefficients are ``[G, m+1]``): at
+    weight decay 0.01 and peak lr 3e-3 under the linear schedule that shrinks them by 0.8% over
+    500 steps, 3% over 2,100."""
     suffixes = {".switch.logits": switch_mult, ".act.numerator": rational_mult,
                 ".act.denominator": rational_mult}
     cfg = trainer.config
