@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, encode,
                     get_task, load_task, seeded_subset)
-from ..training import TrainConfig, Trainer, linear_warmup_decay, param_groups
+from ..training import TrainConfig, Trainer
 from ..training.evaluate import evaluate
 from ..training.heads import start_at_label_mean
 from ..training.teacher import OFFLINE_BASE, base_model_path
@@ -69,35 +69,19 @@ class AdapterConfig:
     progress: bool = False
 
 
-def _own_learning_rates(trainer: Trainer, switch_mult: float = 1.0, rational_mult: float = 1.0) -> None:
-    """Rebuilds the trainer's AdamW and schedule with the switch logits and/or the rational
-    coefficients in their own groups at ``lr * mult`` (a multiplier of 1 leaves that kind in the
-    shared groups), before training or a resume, so checkpoints see the same groups. Adam moves
-    a parameter by about lr per step whatever its gradient: at the adapters' lr the logits
-    would move ~0.1 over a short run and the choice would stay a coin flip; a rational's ten
+def lr_multiples(switch_mult: float = 1.0, rational_mult: float = 1.0) -> dict[str, float]:
+    """``TrainConfig.lr_mults`` for the switch logits and the rational coefficients: each kind
+    with a multiple other than 1 trains in its own AdamW group at ``lr * mult``. Adam moves a
+    parameter by about lr per step whatever its gradient: at the adapters' lr the logits would
+    move ~0.1 over a short run and the choice would stay a coin flip; a rational's ten
     coefficients shape the activation of a whole layer, so the same step moves every unit's
     nonlinearity at once. Neither own group is weight-decayed (decay would pull the switch
     towards a coin flip and the activation towards zero); a kind left in the shared groups (its
-    multiplier 1) is decayed as the 2-D weights are (the coefficients are ``[G, m+1]``): at
+    multiple 1) is decayed as the 2-D weights are (the coefficients are ``[G, m+1]``): at
     weight decay 0.01 and peak lr 3e-3 under the linear schedule that shrinks them by 0.8% over
     500 steps, 3% over 2,100."""
-    suffixes = {".switch.logits": switch_mult, ".act.numerator": rational_mult,
-                ".act.denominator": rational_mult}
-    cfg = trainer.config
-    groups = param_groups(trainer.model, cfg.weight_decay)
-    own: dict[float, list] = {}
-    for n, p in trainer.model.named_parameters():
-        mult = next((m for suf, m in suffixes.items() if n.endswith(suf)), 1.0)
-        if p.requires_grad and mult != 1.0:
-            own.setdefault(mult, []).append(p)
-    ids = {id(p) for ps in own.values() for p in ps}
-    for g in groups:
-        g["params"] = [p for p in g["params"] if id(p) not in ids]
-    for mult, ps in own.items():
-        groups.append({"params": ps, "weight_decay": 0.0, "lr": cfg.lr * mult})
-    trainer.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        trainer.optimizer, linear_warmup_decay(trainer.warmup_steps, trainer.total_steps))
+    return {".switch.logits": switch_mult, ".act.numerator": rational_mult,
+            ".act.denominator": rational_mult}
 
 
 def train_variant(config: AdapterConfig, data_dir, out) -> dict:
@@ -134,7 +118,8 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
     dev_loader = DataLoader(dev_f, batch_size=64, collate_fn=collator)
     cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
                       warmup_ratio=0.06, weight_decay=0.01, seed=config.seed,
-                      output_dir=str(out / "run"), save_every=50, progress=config.progress)
+                      output_dir=str(out / "run"), save_every=50, progress=config.progress,
+                      lr_mults=lr_multiples(config.switch_lr_mult, config.rational_lr_mult))
     t0 = time.time()
     with Trainer(model, cfg, train_dataset=train_f, collate_fn=collator, batch_sampler=sampler) as tr:
         total = tr.total_steps
@@ -149,9 +134,6 @@ def train_variant(config: AdapterConfig, data_dir, out) -> dict:
             return loss
 
         tr.step_fn = step
-        switch_mult = config.switch_lr_mult if switch else 1.0
-        if switch_mult != 1.0 or config.rational_lr_mult != 1.0:
-            _own_learning_rates(tr, switch_mult, config.rational_lr_mult)
         tr.train(resume=(out / "run" / "checkpoint.pt").exists())
     seconds = time.time() - t0
     res = {"config": asdict(config), "train_size": len(train), "dev_size": len(dev),

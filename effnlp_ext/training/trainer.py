@@ -62,6 +62,7 @@ class TrainConfig:
     device: str | None = None          # default: cuda:LOCAL_RANK when available, else cpu
     ddp_find_unused_parameters: bool = False
     sparse_lr: float | None = None     # SparseAdam's lr for sparse-gradient tables (default: lr)
+    lr_mults: dict[str, float] | None = None  # parameter-name suffix -> lr multiple: see optimizer_groups
 
     def __post_init__(self):
         if self.grad_accum_steps < 1 or self.batch_size < 1:
@@ -114,6 +115,25 @@ def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = froz
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_groups(model: nn.Module, config: TrainConfig, exclude: set[int] = frozenset()
+                     ) -> list[dict]:
+    """AdamW's groups: ``param_groups`` and, for each multiple ``m != 1`` of
+    ``config.lr_mults``, one group at ``lr * m`` without weight decay holding the parameters whose
+    name ends with a suffix mapped to ``m`` (a multiple of 1 leaves them in the shared groups).
+    The schedule scales every group alike, from its own lr."""
+    mults = config.lr_mults or {}
+    own: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in exclude:
+            continue
+        mult = next((m for suffix, m in mults.items() if name.endswith(suffix)), 1.0)
+        if mult != 1.0:
+            own.setdefault(mult, []).append(p)
+    ids = {id(p) for ps in own.values() for p in ps}
+    groups = param_groups(model, config.weight_decay, set(exclude) | ids)
+    return groups + [{"params": ps, "weight_decay": 0.0, "lr": config.lr * m} for m, ps in own.items()]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -235,7 +255,7 @@ class Trainer:
         sparse = sparse_parameters(self.model)
         self.sparse_params = sparse
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, config.weight_decay, {id(p) for p in sparse}),
+            optimizer_groups(self.model, config, {id(p) for p in sparse}),
             lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_warmup_decay(warmup, self.total_steps))

@@ -377,14 +377,13 @@ def test_compare_cli_takes_a_base_model_folder(data_dir, tmp_path):
 
 
 def test_switch_logits_get_their_own_learning_rate():
-    from effnlp_ext.adapters.recipe import _own_learning_rates
+    from effnlp_ext.adapters.recipe import lr_multiples
     from effnlp_ext.training import TrainConfig, Trainer
 
     model = add_adapters(tiny_bert(), switch=True)
     data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(0)}] * 4
-    tr = Trainer(model, TrainConfig(lr=1e-3, batch_size=2, progress=False, device="cpu"),
-                 train_dataset=data)
-    _own_learning_rates(tr, switch_mult=50.0)
+    tr = Trainer(model, TrainConfig(lr=1e-3, batch_size=2, progress=False, device="cpu",
+                                    lr_mults=lr_multiples(switch_mult=50.0)), train_dataset=data)
     groups = tr.optimizer.param_groups
     logits = {id(o.switch.logits) for o in adapted_outputs(model).values()}
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 5e-2])  # no warmup: full lr at step 0
@@ -395,14 +394,17 @@ def test_switch_logits_get_their_own_learning_rate():
 
 
 def test_rational_coefficients_get_their_own_learning_rate():
-    from effnlp_ext.adapters.recipe import _own_learning_rates
+    from effnlp_ext.adapters.recipe import lr_multiples
     from effnlp_ext.training import TrainConfig, Trainer
 
     model = add_adapters(tiny_bert(), activation="rational", switch=True)
     data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(0)}] * 4
-    tr = Trainer(model, TrainConfig(lr=1e-3, batch_size=2, progress=False, device="cpu",
-                                    weight_decay=0.01), train_dataset=data)
-    _own_learning_rates(tr, switch_mult=50.0, rational_mult=0.1)
+
+    def trainer(**mults):
+        return Trainer(model, TrainConfig(lr=1e-3, batch_size=2, progress=False, device="cpu",
+                                          weight_decay=0.01, lr_mults=lr_multiples(**mults)),
+                       train_dataset=data)
+    tr = trainer(switch_mult=50.0, rational_mult=0.1)
     groups = tr.optimizer.param_groups
     outs = adapted_outputs(model).values()
     coeffs = {id(p) for o in outs for p in (o.adapter.act.numerator, o.adapter.act.denominator)}
@@ -415,7 +417,7 @@ def test_rational_coefficients_get_their_own_learning_rate():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     ids = [id(p) for g in groups for p in g["params"]]
     assert set(ids) == trainable and len(ids) == len(trainable)   # every parameter once
-    _own_learning_rates(tr)   # every multiplier 1: only the shared groups
+    tr = trainer()   # every multiple 1: only the shared groups
     assert all(g["lr"] == pytest.approx(1e-3) for g in tr.optimizer.param_groups)
 
 
