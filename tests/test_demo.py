@@ -52,6 +52,10 @@ def test_demo_all_methods_tiny(tmp_path, monkeypatch):
     assert "| teacher (MiniLM-L6)" in text and "Pareto plot:" in text
     out = tmp_path / "cache" / "demo"
     assert json.loads(next(out.glob("*/demo.json")).read_text())["total_seconds"] > 0
+    # finished runs leave their exported models, not their resume state (100s of MB each)
+    left = [p for p in (tmp_path / "cache").rglob("*.pt")
+            if p.name == "checkpoint.pt" or p.parent.name == "best"]
+    assert left == []
 
     # a second run finds every model in the cache and only measures
     logs.clear()

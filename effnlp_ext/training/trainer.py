@@ -5,6 +5,12 @@ gradient accumulation, gradient clipping, periodic evaluation with best-checkpoi
 metrics as JSON lines, tqdm progress, atomic checkpoints that survive a kill, DDP through
 ``torch.distributed`` when launched by ``torchrun``, and autocast (bf16/fp16) on CUDA.
 
+Checkpoints (``checkpoint.pt``, ``best/model.pt``) hold the trainable parameters and the buffers;
+frozen parameters (``requires_grad=False``: the backbone under prompt, adapter or mask tuning)
+are left out, and a digest of them is kept so that resuming onto other frozen weights is refused.
+A 20-token prompt's best model is then 36 KB, not 91 MB; ``save_frozen=True``
+writes whole state dicts.
+
 Data order is deterministic: epoch ``e`` shuffles with a generator seeded by ``seed + e``
 (``DistributedSampler`` semantics, also with one process), or calls ``set_epoch(e)`` on a
 user batch sampler; a resumed run skips the batches its checkpoint already consumed. With
@@ -18,6 +24,7 @@ import json
 import math
 import os
 import random
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -63,6 +70,7 @@ class TrainConfig:
     ddp_find_unused_parameters: bool = False
     sparse_lr: float | None = None     # SparseAdam's lr for sparse-gradient tables (default: lr)
     lr_mults: dict[str, float] | None = None  # parameter-name suffix -> lr multiple: see optimizer_groups
+    save_frozen: bool = False          # True: checkpoints also hold the frozen parameters
 
     def __post_init__(self):
         if self.grad_accum_steps < 1 or self.batch_size < 1:
@@ -162,6 +170,40 @@ def _atomic_write_text(text: str, path: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def remove_run_state(root: str | os.PathLike) -> int:
+    """Deletes the resume checkpoints (``checkpoint.pt``) and best-model copies
+    (``best/model.pt``) of the finished runs under ``root``; their metrics stay. For caches whose
+    runs have exported their models: a run cannot be resumed afterwards. Returns bytes freed."""
+    freed = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name == CHECKPOINT_NAME or (name == "model.pt"
+                                           and os.path.basename(dirpath) == "best"):
+                path = os.path.join(dirpath, name)
+                freed += os.path.getsize(path)
+                os.remove(path)
+    return freed
+
+
+def frozen_parameter_names(model: nn.Module) -> list[str]:
+    """State-dict keys of ``model``'s parameters that do not require grad (tied names included)."""
+    state = model.state_dict(keep_vars=True)
+    return sorted(k for k, v in state.items()
+                  if isinstance(v, nn.Parameter) and not v.requires_grad)
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """CRC-32 over the names, shapes, dtypes and bytes of ``model``'s frozen parameters."""
+    state = model.state_dict(keep_vars=True)
+    crc = 0
+    for name in frozen_parameter_names(model):
+        t = state[name].detach()
+        crc = zlib.crc32(f"{name}|{tuple(t.shape)}|{t.dtype};".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
 
 
 def _rng_state() -> dict:
@@ -275,6 +317,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_metric: float | None = None
         self.best_step: int | None = None
+        self._digest: str | None = None
 
     # ----------------------------------------------------------------------------- data
     def _count_batches(self) -> int:
@@ -326,10 +369,45 @@ class Trainer:
     def _path(self, *parts: str) -> str:
         return os.path.join(self.config.output_dir, *parts)
 
+    def model_state(self) -> dict:
+        """What checkpoints store of the model: its state dict without the frozen parameters
+        (all of it with ``save_frozen``)."""
+        state = self.model.state_dict()
+        if self.config.save_frozen:
+            return state
+        frozen = set(frozen_parameter_names(self.model))
+        return {k: v for k, v in state.items() if k not in frozen}
+
+    def _frozen_digest(self) -> str | None:
+        """Digest of the frozen parameters (computed once: the trainer never changes them)."""
+        if self.config.save_frozen:
+            return None
+        if self._digest is None:
+            self._digest = frozen_digest(self.model)
+        return self._digest
+
+    def load_model_state(self, state: Mapping[str, torch.Tensor],
+                         digest: str | None = None) -> None:
+        """Loads a ``model_state()`` into the model. Keys it lacks must be frozen parameters of
+        the model, and ``digest`` (when given) must match them: a checkpoint trained against
+        other frozen weights is refused rather than combined with these."""
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        frozen = set(frozen_parameter_names(self.model))
+        not_frozen = [k for k in missing if k not in frozen]
+        if unexpected or not_frozen:
+            raise RuntimeError(
+                f"checkpoint does not fit the model: it lacks {not_frozen[:5]} (trainable in "
+                f"the model) and has unexpected keys {unexpected[:5]}")
+        if missing and digest is not None and digest != frozen_digest(self.model):
+            raise RuntimeError(
+                "checkpoint was trained against other frozen weights (their digest differs); "
+                "rebuild the model the run started from before resuming or loading it")
+
     def save_checkpoint(self) -> None:
         if not self.is_main or self.config.output_dir is None:
             return
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"model": self.model_state(), "frozen_digest": self._frozen_digest(),
+                 "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": self.step,
                  "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "best_metric": self.best_metric, "best_step": self.best_step,
@@ -349,7 +427,7 @@ class Trainer:
         if not os.path.exists(path):
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
+        self.load_model_state(state["model"], state.get("frozen_digest"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
@@ -367,10 +445,24 @@ class Trainer:
 
     def _save_best(self, metrics: dict) -> None:
         os.makedirs(self._path("best"), exist_ok=True)
-        _atomic_torch_save(self.model.state_dict(), self._path("best", "model.pt"))
+        _atomic_torch_save(self.model_state(), self._path("best", "model.pt"))
         record = {"step": self.step, "metric": self.config.metric_for_best,
-                  "value": self.best_metric, "metrics": metrics}
+                  "value": self.best_metric, "metrics": metrics,
+                  "frozen_digest": self._frozen_digest()}
         _atomic_write_text(json.dumps(record, indent=2), self._path("best", "metric.json"))
+
+    def load_best(self) -> dict:
+        """Puts the best checkpoint's weights into the model; returns its record (step, metric,
+        value, metrics) from ``best/metric.json``."""
+        if self.config.output_dir is None or not os.path.exists(self._path("best", "model.pt")):
+            raise FileNotFoundError(
+                f"no best checkpoint under {self.config.output_dir!r}: it needs output_dir, "
+                "metric_for_best and an evaluator")
+        with open(self._path("best", "metric.json")) as f:
+            record = json.load(f)
+        state = torch.load(self._path("best", "model.pt"), map_location="cpu")
+        self.load_model_state(state, record.get("frozen_digest"))
+        return record
 
     # ----------------------------------------------------------------------------- logging
     def log(self, record: dict) -> None:

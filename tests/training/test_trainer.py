@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from effnlp_ext.training import TrainConfig, Trainer, linear_warmup_decay, param_groups
+from effnlp_ext.training import (TrainConfig, Trainer, linear_warmup_decay, param_groups,
+                                 remove_run_state)
 
 _spec = importlib.util.spec_from_file_location(
     "_train_script", Path(__file__).with_name("_train_script.py"))
@@ -260,3 +261,84 @@ def test_sparse_tables_train_with_sparse_adam_and_resume(tmp_path):
     resumed, _ = run(tmp_path / "run", resume=True)
     for k, v in ref.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def _frozen_first_layer(seed: int = 0) -> TinyMLP:
+    torch.manual_seed(seed)
+    model = TinyMLP(dropout=0.0)
+    model.net[0].requires_grad_(False)      # a frozen "backbone" layer
+    model.register_buffer("step_count", torch.zeros(()))   # buffers are kept
+    return model
+
+
+def _accuracy_eval(model):
+    x = torch.stack([d["x"] for d in make_data(16, seed=7)])
+    return {"neg_loss": -float(model.net(x).square().mean())}
+
+
+def test_checkpoints_leave_frozen_parameters_out(tmp_path):
+    model = _frozen_first_layer()
+    cfg = _config(tmp_path, max_steps=4, eval_every=2, metric_for_best="neg_loss")
+    trainer = Trainer(model, cfg, train_dataset=make_data(32), eval_fn=_accuracy_eval)
+    trainer.train()
+    frozen = {"net.0.weight", "net.0.bias"}
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    best = torch.load(tmp_path / "best" / "model.pt")
+    assert set(ckpt["model"]) == set(best) == set(model.state_dict()) - frozen
+    assert "step_count" in best
+    digest = json.loads((tmp_path / "best" / "metric.json").read_text())["frozen_digest"]
+    assert digest == ckpt["frozen_digest"] and len(digest) == 8
+
+    # the best state goes back into a model rebuilt the same way, frozen layer untouched
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    rebuilt = _frozen_first_layer()
+    again = Trainer(rebuilt, cfg, train_dataset=make_data(32), eval_fn=_accuracy_eval)
+    record = again.load_best()
+    assert record["step"] == trainer.best_step and record["metric"] == "neg_loss"
+    for k in frozen:
+        torch.testing.assert_close(rebuilt.state_dict()[k], trained[k], rtol=0, atol=0)
+    for k in best:
+        torch.testing.assert_close(rebuilt.state_dict()[k], best[k], rtol=0, atol=0)
+
+    # save_frozen: whole state dicts, no digest
+    full = _config(tmp_path / "full", max_steps=2, save_frozen=True)
+    Trainer(_frozen_first_layer(), full, train_dataset=make_data(32)).train()
+    ckpt = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    assert set(ckpt["model"]) == set(model.state_dict()) and ckpt["frozen_digest"] is None
+
+
+def test_resume_refuses_other_frozen_weights(tmp_path):
+    cfg = _config(tmp_path, max_steps=6, save_every=2)
+    Trainer(_frozen_first_layer(), cfg, train_dataset=make_data(32)).train()
+    # same frozen weights: resumes (nothing left to do) and restores the trained layers
+    same = _frozen_first_layer()
+    Trainer(same, cfg, train_dataset=make_data(32)).train(resume=True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    torch.testing.assert_close(same.net[4].weight, ckpt["model"]["net.4.weight"], rtol=0, atol=0)
+    # another backbone under the same trainable layers: refused, not silently combined
+    other = _frozen_first_layer(seed=1)
+    with pytest.raises(RuntimeError, match="other frozen weights"):
+        Trainer(other, cfg, train_dataset=make_data(32)).train(resume=True)
+    # a layer frozen when the checkpoint was written but trainable now has no saved value
+    unfrozen = _frozen_first_layer()
+    unfrozen.net[0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"lacks \['net.0.weight', 'net.0.bias'\]"):
+        Trainer(unfrozen, cfg, train_dataset=make_data(32)).train(resume=True)
+
+
+def test_load_best_needs_a_best_checkpoint(tmp_path):
+    trainer = Trainer(TinyMLP(), _config(tmp_path, max_steps=2), train_dataset=make_data(8))
+    trainer.train()
+    with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+        trainer.load_best()
+
+
+def test_remove_run_state_keeps_metrics(tmp_path):
+    cfg = _config(tmp_path / "run", max_steps=4, eval_every=2, metric_for_best="neg_loss")
+    Trainer(TinyMLP(), cfg, train_dataset=make_data(32), eval_fn=_accuracy_eval).train()
+    (tmp_path / "model.pt").write_bytes(b"an exported model, not a run's best copy")
+    sizes = sum(p.stat().st_size for p in [tmp_path / "run" / "checkpoint.pt",
+                                          tmp_path / "run" / "best" / "model.pt"])
+    assert remove_run_state(tmp_path) == sizes
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["model.pt", "run/best/metric.json", "run/metrics.jsonl"]
