@@ -23,17 +23,24 @@ die() { printf 'cuda-check: FAIL: %s\n' "$*" >&2; exit 1; }
 # --- 1. the CUDA torch venv -------------------------------------------------------------------
 step "venv $VENV"
 if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
-  echo "creating $VENV with $TORCH_PIN (a few GB, ~2 min)"
+  # torch's CUDA build and its nvidia-* runtime wheels take ~5.6 GB installed; say so up front
+  # rather than fail halfway through pip with ENOSPC.
+  NEED_GB=7
+  FREE_GB=$(df -P -BG "$(dirname "$(readlink -m "$VENV")")" | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+  if [ -n "$FREE_GB" ] && [ "$FREE_GB" -lt "$NEED_GB" ]; then
+    die "creating $VENV needs ~$NEED_GB GB free for $TORCH_PIN (CUDA build); $FREE_GB GB free here"
+  fi
+  echo "creating $VENV with $TORCH_PIN (~5.6 GB, ~2 min; $FREE_GB GB free)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q setuptools wheel ninja numpy "$TORCH_PIN"
+  "$VENV/bin/pip" install -q --no-cache-dir --upgrade pip
+  "$VENV/bin/pip" install -q --no-cache-dir setuptools wheel ninja numpy "$TORCH_PIN"
 fi
 read -r TORCH_VERSION TORCH_CUDA SITE < <("$PY" -c '
 import sysconfig, torch
 print(torch.__version__, torch.version.cuda, sysconfig.get_paths()["purelib"])')
 echo "torch $TORCH_VERSION (CUDA $TORCH_CUDA) at $SITE"
 [ "$TORCH_CUDA" != "None" ] || die "$VENV has a CPU-only torch; it needs the CUDA build ($TORCH_PIN)"
-"$PY" -c 'import ninja' 2>/dev/null || "$VENV/bin/pip" install -q ninja
+"$PY" -c 'import ninja' 2>/dev/null || "$VENV/bin/pip" install -q --no-cache-dir ninja
 
 # --- 2. the real CUDA toolkit -----------------------------------------------------------------
 # The nvcc on PATH may be a wrapper script (exec /usr/local/cuda-X/bin/nvcc "$@"); torch would
