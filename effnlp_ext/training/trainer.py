@@ -391,9 +391,12 @@ class Trainer:
         """Loads a ``model_state()`` into the model. Keys it lacks must be frozen parameters of
         the model, and ``digest`` (when given) must match them: a checkpoint trained against
         other frozen weights is refused rather than combined with these."""
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # checked before anything is loaded: a refused checkpoint leaves the model as it was
+        own = self.model.state_dict()
         frozen = set(frozen_parameter_names(self.model))
+        missing = [k for k in own if k not in state]
         not_frozen = [k for k in missing if k not in frozen]
+        unexpected = [k for k in state if k not in own]
         if unexpected or not_frozen:
             raise RuntimeError(
                 f"checkpoint does not fit the model: it lacks {not_frozen[:5]} (trainable in "
@@ -402,6 +405,7 @@ class Trainer:
             raise RuntimeError(
                 "checkpoint was trained against other frozen weights (their digest differs); "
                 "rebuild the model the run started from before resuming or loading it")
+        self.model.load_state_dict(state, strict=False)
 
     def save_checkpoint(self) -> None:
         if not self.is_main or self.config.output_dir is None:

@@ -317,8 +317,11 @@ def test_resume_refuses_other_frozen_weights(tmp_path):
     torch.testing.assert_close(same.net[4].weight, ckpt["model"]["net.4.weight"], rtol=0, atol=0)
     # another backbone under the same trainable layers: refused, not silently combined
     other = _frozen_first_layer(seed=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(RuntimeError, match="other frozen weights"):
         Trainer(other, cfg, train_dataset=make_data(32)).train(resume=True)
+    for k, v in other.state_dict().items():   # refused before anything was loaded
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     # a layer frozen when the checkpoint was written but trainable now has no saved value
     unfrozen = _frozen_first_layer()
     unfrozen.net[0].requires_grad_(True)
