@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 StepFn = Callable[[nn.Module, Any], Any]
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_DIR, BEST_MODEL = "best", "model.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -179,27 +180,26 @@ def remove_run_state(root: str | os.PathLike) -> int:
     freed = 0
     for dirpath, _, files in os.walk(root):
         for name in files:
-            if name == CHECKPOINT_NAME or (name == "model.pt"
-                                           and os.path.basename(dirpath) == "best"):
+            if name == CHECKPOINT_NAME or (name == BEST_MODEL
+                                           and os.path.basename(dirpath) == BEST_DIR):
                 path = os.path.join(dirpath, name)
                 freed += os.path.getsize(path)
                 os.remove(path)
     return freed
 
 
-def frozen_parameter_names(model: nn.Module) -> list[str]:
-    """State-dict keys of ``model``'s parameters that do not require grad (tied names included)."""
+def frozen_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s parameters that do not require grad, by state-dict key (tied names included),
+    in key order."""
     state = model.state_dict(keep_vars=True)
-    return sorted(k for k, v in state.items()
-                  if isinstance(v, nn.Parameter) and not v.requires_grad)
+    return {k: state[k].detach() for k in sorted(state)
+            if isinstance(state[k], nn.Parameter) and not state[k].requires_grad}
 
 
-def frozen_digest(model: nn.Module) -> str:
-    """CRC-32 over the names, shapes, dtypes and bytes of ``model``'s frozen parameters."""
-    state = model.state_dict(keep_vars=True)
+def frozen_digest(frozen: Mapping[str, torch.Tensor]) -> str:
+    """CRC-32 over the names, shapes, dtypes and bytes of ``frozen_parameters(model)``."""
     crc = 0
-    for name in frozen_parameter_names(model):
-        t = state[name].detach()
+    for name, t in frozen.items():
         crc = zlib.crc32(f"{name}|{tuple(t.shape)}|{t.dtype};".encode(), crc)
         if t.numel():
             crc = zlib.crc32(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
@@ -375,7 +375,7 @@ class Trainer:
         state = self.model.state_dict()
         if self.config.save_frozen:
             return state
-        frozen = set(frozen_parameter_names(self.model))
+        frozen = frozen_parameters(self.model)
         return {k: v for k, v in state.items() if k not in frozen}
 
     def _frozen_digest(self) -> str | None:
@@ -383,7 +383,7 @@ class Trainer:
         if self.config.save_frozen:
             return None
         if self._digest is None:
-            self._digest = frozen_digest(self.model)
+            self._digest = frozen_digest(frozen_parameters(self.model))
         return self._digest
 
     def load_model_state(self, state: Mapping[str, torch.Tensor],
@@ -393,7 +393,7 @@ class Trainer:
         other frozen weights is refused rather than combined with these."""
         # checked before anything is loaded: a refused checkpoint leaves the model as it was
         own = self.model.state_dict()
-        frozen = set(frozen_parameter_names(self.model))
+        frozen = frozen_parameters(self.model)
         missing = [k for k in own if k not in state]
         not_frozen = [k for k in missing if k not in frozen]
         unexpected = [k for k in state if k not in own]
@@ -401,7 +401,7 @@ class Trainer:
             raise RuntimeError(
                 f"checkpoint does not fit the model: it lacks {not_frozen[:5]} (trainable in "
                 f"the model) and has unexpected keys {unexpected[:5]}")
-        if missing and digest is not None and digest != frozen_digest(self.model):
+        if missing and digest is not None and digest != frozen_digest(frozen):
             raise RuntimeError(
                 "checkpoint was trained against other frozen weights (their digest differs); "
                 "rebuild the model the run started from before resuming or loading it")
@@ -448,23 +448,23 @@ class Trainer:
         return True
 
     def _save_best(self, metrics: dict) -> None:
-        os.makedirs(self._path("best"), exist_ok=True)
-        _atomic_torch_save(self.model_state(), self._path("best", "model.pt"))
+        os.makedirs(self._path(BEST_DIR), exist_ok=True)
+        _atomic_torch_save(self.model_state(), self._path(BEST_DIR, BEST_MODEL))
         record = {"step": self.step, "metric": self.config.metric_for_best,
                   "value": self.best_metric, "metrics": metrics,
                   "frozen_digest": self._frozen_digest()}
-        _atomic_write_text(json.dumps(record, indent=2), self._path("best", "metric.json"))
+        _atomic_write_text(json.dumps(record, indent=2), self._path(BEST_DIR, "metric.json"))
 
     def load_best(self) -> dict:
         """Puts the best checkpoint's weights into the model; returns its record (step, metric,
         value, metrics) from ``best/metric.json``."""
-        if self.config.output_dir is None or not os.path.exists(self._path("best", "model.pt")):
+        if self.config.output_dir is None or not os.path.exists(self._path(BEST_DIR, BEST_MODEL)):
             raise FileNotFoundError(
                 f"no best checkpoint under {self.config.output_dir!r}: it needs output_dir, "
                 "metric_for_best and an evaluator")
-        with open(self._path("best", "metric.json")) as f:
+        with open(self._path(BEST_DIR, "metric.json")) as f:
             record = json.load(f)
-        state = torch.load(self._path("best", "model.pt"), map_location="cpu")
+        state = torch.load(self._path(BEST_DIR, BEST_MODEL), map_location="cpu")
         self.load_model_state(state, record.get("frozen_digest"))
         return record
 
