@@ -271,7 +271,7 @@ def _frozen_first_layer(seed: int = 0) -> TinyMLP:
     return model
 
 
-def _accuracy_eval(model):
+def _neg_square_eval(model):
     x = torch.stack([d["x"] for d in make_data(16, seed=7)])
     return {"neg_loss": -float(model.net(x).square().mean())}
 
@@ -279,7 +279,7 @@ def _accuracy_eval(model):
 def test_checkpoints_leave_frozen_parameters_out(tmp_path):
     model = _frozen_first_layer()
     cfg = _config(tmp_path, max_steps=4, eval_every=2, metric_for_best="neg_loss")
-    trainer = Trainer(model, cfg, train_dataset=make_data(32), eval_fn=_accuracy_eval)
+    trainer = Trainer(model, cfg, train_dataset=make_data(32), eval_fn=_neg_square_eval)
     trainer.train()
     frozen = {"net.0.weight", "net.0.bias"}
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -292,7 +292,7 @@ def test_checkpoints_leave_frozen_parameters_out(tmp_path):
     # the best state goes back into a model rebuilt the same way, frozen layer untouched
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     rebuilt = _frozen_first_layer()
-    again = Trainer(rebuilt, cfg, train_dataset=make_data(32), eval_fn=_accuracy_eval)
+    again = Trainer(rebuilt, cfg, train_dataset=make_data(32), eval_fn=_neg_square_eval)
     record = again.load_best()
     assert record["step"] == trainer.best_step and record["metric"] == "neg_loss"
     for k in frozen:
@@ -338,7 +338,7 @@ def test_load_best_needs_a_best_checkpoint(tmp_path):
 
 def test_remove_run_state_keeps_metrics(tmp_path):
     cfg = _config(tmp_path / "run", max_steps=4, eval_every=2, metric_for_best="neg_loss")
-    Trainer(TinyMLP(), cfg, train_dataset=make_data(32), eval_fn=_accuracy_eval).train()
+    Trainer(TinyMLP(), cfg, train_dataset=make_data(32), eval_fn=_neg_square_eval).train()
     (tmp_path / "model.pt").write_bytes(b"an exported model, not a run's best copy")
     sizes = sum(p.stat().st_size for p in [tmp_path / "run" / "checkpoint.pt",
                                           tmp_path / "run" / "best" / "model.pt"])
